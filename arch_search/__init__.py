@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop architecture search for LFM2-style hybrid backbones."""

@@ -1,0 +1,198 @@
+"""The `edge` command: init, info, export, run, bench, search (DESIGN.md §4).
+
+Every failure on bad input is one line on stderr and exit status 1; `--debug` shows the traceback.
+Heavy imports (torch, engines) happen inside the commands so `edge --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXPORT_FORMATS = ("gguf", "executorch", "onnx")
+
+
+def cmd_init(args):
+    from edge.checkpoint import save_model
+    from edge.config import preset
+    from edge.model import HybridLM
+    from edge.tokenizer import default_corpus, save_tokenizer, train_tokenizer
+
+    config = preset(args.preset)
+    if args.corpus:
+        text = Path(args.corpus).read_text(encoding="utf-8", errors="replace")
+    else:
+        text = default_corpus()
+    tokenizer = train_tokenizer(text, config.vocab_size)
+    model = HybridLM(config).init_weights(args.seed)
+    save_model(model, args.out_dir)
+    save_tokenizer(tokenizer, args.out_dir)
+    print(f"wrote {args.preset} model ({config.n_params() / 1e6:.1f}M params, random weights, seed {args.seed}) "
+          f"to {args.out_dir}")
+
+
+def cmd_info(args):
+    import runtime
+
+    path = Path(args.path)
+    session = runtime.load(path)
+    c = session.config
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    rows = [
+        ("path", str(path)), ("engine", session.engine), ("size", f"{size / 2**20:.2f} MiB"),
+        ("params", f"{c.n_params():,} ({c.n_params(include_embeddings=False):,} without embeddings)"),
+        ("weights", session.quant), ("kv cache", session.kv_cache), ("max_seq_len", session.max_seq_len),
+        ("layers", f"{c.num_hidden_layers} ({len(c.conv_layers)} conv, attention at {c.attention_layers})"),
+        ("hidden / ffn", f"{c.hidden_size} / {c.ffn_dim}"),
+        ("heads / kv heads / head_dim", f"{c.num_attention_heads} / {c.num_key_value_heads} / {c.head_dim}"),
+        ("conv L_cache", c.conv_L_cache), ("vocab", c.vocab_size), ("rope theta", c.rope_theta),
+        ("tied embeddings", c.tie_word_embeddings),
+        ("bos / eos / pad", f"{c.bos_token_id} / {c.eos_token_id} / {c.pad_token_id}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_export(args):
+    from export import export_model
+
+    options = {k: v for k, v in dict(group_size=args.group_size, embedding_quant=args.embedding_quant,
+                                     prefill_chunk=args.prefill_chunk).items() if v is not None}
+    out = export_model(args.format, args.model_dir, args.output, quant=args.quant, kv_cache=args.kv_cache,
+                       max_seq_len=args.max_seq_len, **options)
+    print(f"wrote {out} ({Path(out).stat().st_size / 2**20:.2f} MiB)")
+
+
+def cmd_run(args):
+    import runtime
+
+    options = {"kv_cache": args.kv_cache} if args.kv_cache else {}
+    session = runtime.load(args.artifact, n_threads=args.threads, **options)
+    for piece in session.stream_text(args.prompt, max_new_tokens=args.n, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_bench(args):
+    from runtime.bench import main as bench_main
+
+    bench_main(args)
+
+
+def cmd_search(args):
+    from arch_search.cli import main as search_main
+
+    search_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge.config import PRESETS
+
+    p = argparse.ArgumentParser(prog="edge", description="Export, run, benchmark and search LFM2-style hybrid "
+                                "models for phone and laptop CPUs.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a fresh model directory (random weights, trained BPE tokenizer)")
+    s.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the Hugging Face checkpoint to")
+    s.add_argument("--preset", default="tiny", choices=PRESETS, help="model shape (default: tiny)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    s.add_argument("--corpus", metavar="FILE", help="text file to train the tokenizer on (default: the Python "
+                   "standard library's source, present on every machine)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("info", help="describe a checkpoint or artifact: config, sizes, quant, KV format")
+    s.add_argument("path", metavar="PATH", help="checkpoint directory or .gguf/.pte/.onnx artifact")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("export", help="export a checkpoint to GGUF, ExecuTorch or ONNX")
+    s.add_argument("format", choices=EXPORT_FORMATS, help="target format")
+    s.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face LFM2 checkpoint directory")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact path to write")
+    s.add_argument("--quant", help="weight format: gguf f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k; "
+                   "executorch fp32|8da8w|8da4w; onnx fp32|int8|int4 (default: each format's 8-bit)")
+    s.add_argument("--kv-cache", help="KV-cache precision stored with the artifact: gguf f16|q8_0|q4_0; "
+                   "executorch fp32|int8; onnx fp32|fp16|int8")
+    s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
+    s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w, "
+                   "onnx int4; default 32)")
+    s.add_argument("--embedding-quant", help="executorch: quantize the embedding table too (none|int8|int4)")
+    s.add_argument("--prefill-chunk", type=int, help="executorch: most tokens one forward call takes "
+                   "(longer prompts are split; default 128)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("run", help="generate text from a prompt, streaming it")
+    s.add_argument("artifact", metavar="ARTIFACT", help=".gguf/.pte/.onnx artifact or checkpoint directory")
+    s.add_argument("--prompt", required=True, help="prompt text")
+    s.add_argument("-n", type=int, default=64, help="most tokens to generate (default 64)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--kv-cache", help="override the KV-cache type where the engine picks it at load "
+                   "(gguf: f16|q8_0|q4_0)")
+    s.add_argument("-t", "--threads", type=int, help="CPU threads (default: the engine's)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench", help="llama-bench-style prefill/decode benchmark of one or more artifacts")
+    s.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifacts to compare (run interleaved)")
+    s.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the prefill test "
+                   "(0 skips it; default 512)")
+    s.add_argument("-n", "--n-gen", type=int, default=128, help="tokens of the decode test (0 skips it; "
+                   "default 128)")
+    s.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the cache before each "
+                   "test, as llama-bench's -d (default 0)")
+    s.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions per test (default 5)")
+    s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads (default 1, the stable "
+                   "setting on a 2-core machine)")
+    s.add_argument("--kv-cache", help="KV-cache type for engines that pick it at load (gguf: f16|q8_0|q4_0)")
+    s.add_argument("--json", metavar="FILE", help="write every record, with every sample, to FILE")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("search", help="hardware-in-the-loop architecture search under measured budgets")
+    s.add_argument("--target", required=True, choices=EXPORT_FORMATS, help="format candidates are measured in")
+    s.add_argument("--quant", help="weight quantization of the measured artifacts (format's names)")
+    s.add_argument("--kv-cache", help="KV-cache precision of the measured artifacts")
+    s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
+                   help="a constraint: decode_ms=V (ms/token at the budget context), prefill_ms@N=V "
+                   "(ms for N prompt tokens), mem_mb=V (peak RSS); repeatable")
+    s.add_argument("--quality", default="params", help="quality proxy: mqar | lm:FILE | params (default params)")
+    s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds")
+    s.add_argument("--trials", type=int, default=20, help="total finished trials the study should hold; "
+                   "re-running completes the rest (default 20)")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); "
+                   "postgresql://... for many workers")
+    s.add_argument("--study", default="edge-search", help="study name (default edge-search)")
+    s.add_argument("--out", required=True, metavar="DIR", help="directory for the front table, JSON and plot")
+    s.add_argument("--export-best", metavar="DIR", help="write the best feasible checkpoint and its artifact here")
+    s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads for measurements (default 1)")
+    s.set_defaults(func=cmd_search)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback behind --debug
+        if args.debug:
+            raise
+        from edge.errors import EdgeError
+
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, EdgeError):
+            message = f"{type(e).__name__}: {message} (rerun with --debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

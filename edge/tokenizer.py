@@ -1,0 +1,73 @@
+"""Tokenizer handling: the checkpoint's tokenizer.json through the `tokenizers` library.
+
+`train_tokenizer` makes a byte-level BPE with LFM2's special tokens at LFM2's ids (pad 0, bos 1,
+eos `<|im_end|>` 7), so ids and chat markers mean the same thing as in the real models.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import EdgeError
+from .files import atomic_path, write_json
+
+SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>",
+                  "<|fim_suf|>", "<|im_start|>", "<|im_end|>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 7
+
+# A default corpus every Python installation has: the standard library's own source text.
+_DEFAULT_CORPUS_MODULES = ("argparse", "textwrap", "json.decoder", "collections", "pathlib", "inspect",
+                           "functools", "string", "random", "statistics", "csv", "dataclasses")
+
+
+def default_corpus() -> str:
+    import importlib
+    import inspect
+    return "\n".join(inspect.getsource(importlib.import_module(m)) for m in _DEFAULT_CORPUS_MODULES)
+
+
+def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise EdgeError(f"the corpus yields only {tok.get_vocab_size()} tokens, fewer than the vocab size "
+                        f"{vocab_size}; use a larger --corpus")
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, model_dir: str | Path) -> None:
+    model_dir = Path(model_dir)
+    with atomic_path(model_dir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    write_json(model_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
+        "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID], "add_bos_token": True,
+        "model_max_length": 1_000_000})
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """From a checkpoint directory, a tokenizer.json path, or the JSON text itself."""
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        return Tokenizer.from_str(source)
+    path = Path(source)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for both missing and malformed files
+        raise EdgeError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+
+
+def tokenizer_json(model_dir: str | Path) -> str:
+    """The tokenizer.json text of a checkpoint (exporters embed it in artifacts)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise EdgeError(f"no tokenizer.json in {model_dir}; artifacts need one to be self-sufficient")
+    text = path.read_text()
+    json.loads(text)
+    return text
