@@ -1,0 +1,139 @@
+"""`edge bench` and runtime.bench: llama-bench conventions, JSON fields, interleaving, bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+import runtime
+from edge.cli import main as edge
+from edge.errors import EdgeError
+from runtime.bench import bench_session, cpu_info, format_table, peak_rss_mb
+
+LLAMA_BENCH_FIELDS = ["model_filename", "model_size", "model_n_params", "n_prompt", "n_gen", "n_depth",
+                      "n_threads", "type_k", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
+                      "samples_ts"]
+OUR_FIELDS = ["engine", "quant", "kv_cache", "ttft_ms", "load_ms", "peak_rss_mb", "kv_cache_bytes", "cpu",
+              "median_ns", "median_ts"]
+
+
+def check_record(r, *, reps):
+    for field in LLAMA_BENCH_FIELDS + OUR_FIELDS:
+        assert field in r, f"missing {field}"
+    assert len(r["samples_ns"]) == len(r["samples_ts"]) == reps
+    assert all(ns > 0 for ns in r["samples_ns"])
+    tokens = r["n_prompt"] + r["n_gen"]
+    for ns, ts in zip(r["samples_ns"], r["samples_ts"]):
+        assert ts == pytest.approx(tokens * 1e9 / ns)
+    assert min(r["samples_ts"]) <= r["avg_ts"] <= max(r["samples_ts"])
+    assert min(r["samples_ts"]) <= r["median_ts"] <= max(r["samples_ts"])
+    assert (r["n_prompt"] == 0) != (r["n_gen"] == 0), "a record is either a pp or a tg test"
+    assert r["kv_cache_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["ttft_ms"] > 0
+
+
+def test_bench_session_on_reference(tiny_dir):
+    session = runtime.load(tiny_dir, n_threads=1)
+    labels = []
+    records = bench_session(session, n_prompt=16, n_gen=8, depth=4, repetitions=3, progress=labels.append)
+    assert [r["test"] for r in records] == ["pp16 @ d4", "tg8 @ d4"]
+    pp, tg = records
+    check_record(pp, reps=3)
+    check_record(tg, reps=3)
+    assert (pp["n_prompt"], pp["n_gen"], pp["n_depth"]) == (16, 0, 4)
+    assert (tg["n_prompt"], tg["n_gen"], tg["n_depth"]) == (0, 8, 4)
+    assert pp["engine"] == "pytorch" and pp["n_threads"] == 1
+    assert pp["model_n_params"] == session.config.n_params()
+    # KV bytes at the end of each test: depth + prompt vs depth + 1 + generated tokens, linear in tokens
+    assert tg["kv_cache_bytes"] * 20 == pp["kv_cache_bytes"] * 13
+    assert pp["ttft_ms"] * 1e6 == pytest.approx(pp["median_ns"])
+    assert labels == ["warm-up", "pp 1/3", "pp 2/3", "pp 3/3", "tg 1/3", "tg 2/3", "tg 3/3"]
+    assert session.n_past == 0, "the session is left reset"
+
+
+def test_only_decode_and_only_prefill(tiny_dir):
+    session = runtime.load(tiny_dir)
+    assert [r["test"] for r in bench_session(session, n_prompt=0, n_gen=4, repetitions=1)] == ["tg4"]
+    assert [r["test"] for r in bench_session(session, n_prompt=8, n_gen=0, repetitions=1)] == ["pp8"]
+    with pytest.raises(EdgeError, match="nothing to measure"):
+        bench_session(session, n_prompt=0, n_gen=0)
+
+
+def test_test_longer_than_the_context_is_one_line(tiny_dir):
+    session = runtime.load(tiny_dir, max_seq_len=32)
+    with pytest.raises(EdgeError, match="max-seq-len") as e:
+        bench_session(session, n_prompt=16, n_gen=8, depth=20)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_two_artifacts_interleaved(tiny_dir, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_dir, a)
+    shutil.copytree(tiny_dir, b)
+    out = tmp_path / "bench.json"
+    assert edge(["bench", str(a), str(b), "-p", "16", "-n", "4", "-r", "3", "-t", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| model" in table and "t/s" in table and "pp16" in table and "tg4" in table and "machine:" in table
+    assert table.count("| a ") == 2 and table.count("| b ") == 2
+    records = json.loads(out.read_text())
+    assert [(r["model_filename"].split("/")[-1], r["test"]) for r in records] == [
+        ("a", "pp16"), ("a", "tg4"), ("b", "pp16"), ("b", "tg4")]
+    for r in records:
+        check_record(r, reps=3)
+        assert r["load_ms"] > 0 and r["n_threads"] == 1
+    # A B A B: repetition i of b starts after repetition i of a and before repetition i+1 of a
+    a_pp, _, b_pp, _ = (r["samples_start_ns"] for r in records)
+    for i in range(3):
+        assert a_pp[i] < b_pp[i]
+        if i + 1 < 3:
+            assert b_pp[i] < a_pp[i + 1]
+
+
+def test_cli_bad_input_is_one_line(tiny_dir, tmp_path, capsys):
+    assert edge(["bench", str(tiny_dir), str(tmp_path / "missing.gguf"), "-r", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.gguf" in err and "\n" not in err
+    assert edge(["bench", str(tiny_dir), "-r", "0"]) == 1
+    assert "-r" in capsys.readouterr().err
+    assert edge(["bench", str(tiny_dir), "--kv-cache", "q8_0", "-r", "1", "-p", "4", "-n", "1"]) == 1
+    assert "--kv-cache" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        edge(["bench", "--help"])
+    text = capsys.readouterr().out
+    for option in ["ARTIFACT", "-p", "--n-prompt", "-n", "--n-gen", "-d", "--depth", "-r", "--repetitions",
+                   "-t", "--threads", "--kv-cache", "--json", "--seed"]:
+        assert option in text, option
+
+
+def test_table_and_machine():
+    info = cpu_info()
+    assert info["model"] and info["cores"] >= 1
+    assert peak_rss_mb() > 10
+    record = dict(model_filename="m.gguf", model_size=3 * 2**20, model_n_params=1_500_000, engine="llamacpp",
+                  quant="q4_0", kv_cache="q8_0", n_threads=2, test="pp512 @ d4096", avg_ts=100.0, stddev_ts=1.5,
+                  median_ts=99.0, ttft_ms=5120.0, load_ms=12.0, peak_rss_mb=300.0, kv_cache_bytes=2**21,
+                  samples_ns=[1] * 5, cpu="Some CPU (2 cores)")
+    table = format_table([record])
+    assert "pp512 @ d4096" in table and "100.00 ± 1.50" in table and "Some CPU (2 cores)" in table
+    assert "3.00 MiB" in table and "1.50 M" in table and "2.00 MiB" in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("export.gguf") is None or importlib.util.find_spec("runtime.llamacpp") is None,
+                    reason="GGUF exporter or llama.cpp backend not written yet")
+def test_cli_two_ggufs(tiny_dir, tmp_path, capsys):
+    from export import export_model
+
+    q8 = export_model("gguf", tiny_dir, tmp_path / "q8.gguf", quant="q8_0", max_seq_len=128)
+    f32 = export_model("gguf", tiny_dir, tmp_path / "f32.gguf", quant="f32", max_seq_len=128)
+    out = tmp_path / "bench.json"
+    assert edge(["bench", str(q8), str(f32), "-p", "32", "-n", "8", "-r", "2", "--json", str(out)]) == 0
+    assert "q8.gguf" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["test"] for r in records] == ["pp32", "tg8"] * 2
+    for r in records:
+        check_record(r, reps=2)
+    assert records[0]["model_size"] < records[2]["model_size"]
