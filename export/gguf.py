@@ -1,0 +1,260 @@
+"""GGUF export for stock llama.cpp: architecture `lfm2`, written with gguf-py like llama.cpp's converter.
+
+The file is what `convert_hf_to_gguf.py` (class LFM2Model) would write, so unmodified llama.cpp loads it:
+- metadata: `lfm2.*` hyperparameters, with `attention.head_count_kv` a per-layer array (0 marks a conv
+  layer), `shortconv.l_cache`, and `feed_forward_length` = the FFN width after the auto-adjust rule;
+- tensors: gguf-py's own HF -> GGUF name map (`model.embedding_norm` becomes `token_embd_norm`, the
+  final norm of lfm2), conv kernels squeezed to [hidden, L_cache], `output.weight` only when untied;
+- tokenizer: byte-level BPE as `gpt2` tokens, token types, merges, special ids and a pre-tokenizer
+  name, plus the checkpoint's tokenizer.json under `tokenizer.huggingface.json` so `runtime.load`
+  reproduces the tokenizer exactly (the standard keys alone also suffice).
+
+Weight formats: f32, f16, bf16, q8_0 and q4_0 are quantized by gguf-py and written directly; the
+K-quants go through llama.cpp's own quantizer (`llama_model_quantize`) from an f32 GGUF written first.
+As in llama.cpp's converter, 1-D tensors (norms) and the conv kernels stay f32. With q4_0 the output
+matrix (the embedding when tied) is q8_0: llama.cpp's quantizer also gives it more bits (q6_K, or q8_0
+when rows are not a multiple of 256); gguf-py cannot write q6_K.
+
+Tensors are read from the safetensors one at a time and written straight to the file, so peak memory
+is about one tensor plus its quantized copy, not the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TokenType
+
+from edge.checkpoint import INDEX, WEIGHTS
+from edge.config import HybridConfig
+from edge.errors import EdgeError
+from edge.files import atomic_path
+from edge.tokenizer import tokenizer_json
+
+ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LFM2]
+
+# quant name -> (ggml type of the 2-D weights, general.file_type); written by gguf-py
+DIRECT_QUANTS = {
+    "f32": (QType.F32, LlamaFileType.ALL_F32),
+    "f16": (QType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+}
+# quant name -> llama.cpp file type; quantized by llama.cpp itself
+K_QUANTS = {
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": LlamaFileType.MOSTLY_Q6_K,
+}
+QUANTS = (*DIRECT_QUANTS, *K_QUANTS)
+DEFAULT_QUANT = "q8_0"
+
+# KV-cache types llama.cpp takes at context creation; the artifact stores its default under KV_CACHE_KEY
+KV_CACHES = ("f16", "q8_0", "q4_0")
+DEFAULT_KV_CACHE = "f16"
+KV_CACHE_KEY = "hybrid_edge.kv_cache"  # custom key: llama.cpp ignores it, runtime.load honours it
+
+# tensors llama.cpp's converter keeps in f32 whatever the file type (besides every 1-D tensor)
+F32_TENSORS = (MODEL_TENSOR.SHORTCONV_CONV,)
+
+
+def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int, **options) -> Path:
+    if options:
+        raise EdgeError(f"gguf export takes no {'/'.join('--' + k.replace('_', '-') for k in options)}; "
+                        "GGUF block sizes are fixed by the --quant type")
+    config = HybridConfig.load(model_dir)
+    if config.conv_bias:
+        raise EdgeError(f"{model_dir} has conv_bias=True, which llama.cpp's lfm2 cannot represent (it has no "
+                        "short-conv bias tensors); export with --format executorch/onnx or retrain without biases")
+    tokenizer = json.loads(tokenizer_json(model_dir))
+    with atomic_path(out) as tmp:
+        if quant in K_QUANTS:
+            f32_file = tmp.with_name(tmp.name + ".f32.partial")
+            try:
+                write_gguf(model_dir, config, tokenizer, f32_file, "f32", kv_cache, max_seq_len)
+                quantize_with_llamacpp(f32_file, tmp, K_QUANTS[quant])
+            finally:
+                f32_file.unlink(missing_ok=True)
+        else:
+            write_gguf(model_dir, config, tokenizer, tmp, quant, kv_cache, max_seq_len)
+    return out
+
+
+# ---- metadata ------------------------------------------------------------------------------------
+def add_model_metadata(w: gguf.GGUFWriter, config: HybridConfig, name: str, max_seq_len: int) -> None:
+    w.add_name(name)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(max_seq_len)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.ffn_dim)
+    w.add_head_count(config.num_attention_heads)
+    # one entry per layer, 0 for conv layers: this is how llama.cpp tells conv from attention layers
+    w.add_head_count_kv([config.num_key_value_heads if t == "full_attention" else 0 for t in config.layer_types])
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_shortconv_l_cache(config.conv_L_cache)
+
+
+def add_tokenizer_metadata(w: gguf.GGUFWriter, tokenizer: dict, config: HybridConfig, text: str) -> None:
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE" or not _is_byte_level(tokenizer):
+        raise EdgeError(f"the tokenizer is {model.get('type', 'unknown')} without byte-level pre-tokenization; "
+                        "the gguf exporter supports byte-level BPE tokenizers (as LFM2 uses)")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    specials = {a["id"]: a for a in tokenizer.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in specials.items()})
+    if max(by_id) >= config.vocab_size:
+        raise EdgeError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is "
+                        f"{config.vocab_size}; the tokenizer and the checkpoint do not belong together")
+    tokens, types = [], []
+    for i in range(config.vocab_size):
+        if i in specials:
+            types.append(TokenType.CONTROL if specials[i].get("special", True) else TokenType.USER_DEFINED)
+            tokens.append(by_id[i])
+        elif i in by_id:
+            types.append(TokenType.NORMAL)
+            tokens.append(by_id[i])
+        else:  # embedding rows the tokenizer never produces: llama.cpp needs one distinct token per row
+            types.append(TokenType.UNUSED)
+            tokens.append(f"[UNUSED_{i}]")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # gguf-py silently drops empty arrays and llama.cpp then refuses the file
+        raise EdgeError("the tokenizer has no BPE merges, which llama.cpp's gpt2 tokenizer requires; "
+                        "train it with a vocab larger than its byte alphabet")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, value in ((Keys.Tokenizer.BOS_ID, config.bos_token_id), (Keys.Tokenizer.EOS_ID, config.eos_token_id),
+                       (Keys.Tokenizer.PAD_ID, config.pad_token_id)):
+        if value is not None:
+            w.add_uint32(key, value)
+    w.add_add_bos_token(True)  # Session.encode and LFM2's chat template both start with bos
+    w.add_string(Keys.Tokenizer.HF_JSON, text)
+
+
+def _is_byte_level(tokenizer: dict) -> bool:
+    def walk(node):
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+    return walk(tokenizer.get("pre_tokenizer")) or walk(tokenizer.get("decoder"))
+
+
+def _pre_tokenizer_name(tokenizer: dict) -> str:
+    """llama.cpp's name of the pre-tokenizer regex: GPT-2's for a plain ByteLevel with its regex,
+    otherwise LFM2's own (a llama3-style split followed by ByteLevel, as the real checkpoints have)."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return "lfm2"
+
+
+# ---- tensors -------------------------------------------------------------------------------------
+class _Checkpoint:
+    """The safetensors of a checkpoint, opened lazily: shapes without reading data, one tensor at a time."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        if (model_dir / INDEX).exists():
+            shards = sorted(set(json.loads((model_dir / INDEX).read_text())["weight_map"].values()))
+        elif (model_dir / WEIGHTS).exists():
+            shards = [WEIGHTS]
+        else:
+            raise EdgeError(f"no safetensors weights in {model_dir}; expected {WEIGHTS}")
+        self.files, self.where = [], {}
+        for shard in shards:
+            try:
+                f = safe_open(model_dir / shard, framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+                raise EdgeError(f"cannot read {model_dir / shard}: {e}; the file is corrupt or truncated") from None
+            self.files.append(f)
+            self.where.update({name: f for name in f.keys()})
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name].get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self.where[name].get_tensor(name).float().numpy()
+
+
+def plan_tensors(ckpt: _Checkpoint, config: HybridConfig, qtype: QType) -> list[tuple[str, str, tuple, QType]]:
+    """(gguf name, HF name, numpy shape as written, ggml type) for every tensor, in checkpoint order."""
+    name_map = gguf.get_tensor_name_map(MODEL_ARCH.LFM2, config.num_hidden_layers)
+    tied = "lm_head.weight" not in ckpt.names()
+    plan = []
+    for hf_name in ckpt.names():
+        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise EdgeError(f"checkpoint tensor {hf_name} has no llama.cpp lfm2 counterpart; "
+                            "is this an LFM2 checkpoint?")
+        kind, name = found
+        shape = ckpt.shape(hf_name)
+        if kind == MODEL_TENSOR.SHORTCONV_CONV:
+            shape = (shape[0], shape[-1])  # [hidden, 1, L] -> [hidden, L]: llama.cpp's ssm_conv takes 2-D
+        ttype = qtype
+        if len(shape) < 2 or kind in F32_TENSORS:
+            ttype = QType.F32
+        elif qtype == QType.Q4_0 and (kind == MODEL_TENSOR.OUTPUT or (tied and kind == MODEL_TENSOR.TOKEN_EMBD)):
+            ttype = QType.Q8_0  # see the module docstring
+        block = gguf.GGML_QUANT_SIZES[ttype][0]
+        if shape[-1] % block:
+            raise EdgeError(f"{hf_name} has rows of {shape[-1]} values, not a multiple of the {ttype.name} "
+                            f"block of {block}; export with --quant f16 or use widths that are multiples of {block}")
+        plan.append((name, hf_name, shape, ttype))
+    return plan
+
+
+def _nbytes(shape: tuple, ttype: QType) -> int:
+    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, ttype)))
+
+
+def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: dict, path: Path, quant: str, kv_cache: str,
+               max_seq_len: int) -> None:
+    qtype, file_type = DIRECT_QUANTS[quant]
+    ckpt = _Checkpoint(model_dir)
+    plan = plan_tensors(ckpt, config, qtype)
+    w = gguf.GGUFWriter(path, ARCH)
+    try:
+        add_model_metadata(w, config, Path(model_dir).resolve().name, max_seq_len)
+        add_tokenizer_metadata(w, tokenizer, config, json.dumps(tokenizer, ensure_ascii=False))
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string(KV_CACHE_KEY, kv_cache)
+        for name, _, shape, ttype in plan:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, ttype), raw_dtype=ttype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, hf_name, shape, ttype in plan:  # one tensor in memory at a time
+            data = ckpt.read(hf_name).reshape(shape)
+            w.write_tensor_data(gguf.quants.quantize(data, ttype))
+            del data
+    finally:
+        w.close()
+
+
+# ---- K-quants through llama.cpp ------------------------------------------------------------------
+def quantize_with_llamacpp(src: Path, dst: Path, file_type: LlamaFileType) -> None:
+    import llama_cpp
+
+    from runtime.llamacpp import llama_log
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    params.nthread = min(os.cpu_count() or 1, 4)
+    with llama_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise EdgeError(f"llama.cpp could not quantize to {file_type.name}: {log.last_error() or f'status {rc}'}")

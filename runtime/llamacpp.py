@@ -1,0 +1,264 @@
+"""The llama.cpp backend: a .gguf (arch lfm2) run through llama-cpp-python's low-level C API.
+
+    s = LlamaCppSession("model.gguf", n_threads=1, kv_cache="q8_0")
+
+Everything the session needs comes from the file's standard lfm2 keys, so a GGUF made by llama.cpp's own
+converter loads as well as ours: the HybridConfig from `lfm2.*` hyperparameters, the tokenizer from the
+embedded tokenizer.json if present, else rebuilt from `tokenizer.ggml.tokens`/`merges`. The KV-cache type
+is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_cache=` overrides it.
+
+The header is validated with gguf-py's reader before llama.cpp sees the file, because llama.cpp aborts
+the process on some malformed files; llama.cpp's own log is captured, never printed, and its last error
+line ends up in the EdgeError when it still refuses a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, TokenType
+
+from edge.config import HybridConfig
+from edge.errors import EdgeError
+
+from .session import Session
+
+KV_TYPES = {"f16": QType.F16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0}
+KV_CACHE_KEY = "hybrid_edge.kv_cache"  # written by export.gguf
+ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LFM2]
+GGML_LOG_LEVEL_ERROR = 3
+MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunks
+
+
+# ---- llama.cpp's log: captured, not printed ----------------------------------------------------------
+class _LogCapture:
+    def __init__(self):
+        self.lines: list[tuple[int, str]] = []
+
+    def last_error(self) -> str:
+        errors = [text.strip() for level, text in self.lines if level == GGML_LOG_LEVEL_ERROR and text.strip()]
+        return errors[-1] if errors else ""
+
+
+_capture: _LogCapture | None = None
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level, text, user_data):
+    if _capture is not None:
+        _capture.lines.append((level, text.decode("utf-8", errors="replace")))
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))  # process-wide: keeps llama.cpp quiet
+
+
+@contextlib.contextmanager
+def llama_log():
+    """Collect what llama.cpp logs inside the block (to quote its error in ours)."""
+    global _capture
+    previous, _capture = _capture, _LogCapture()
+    try:
+        yield _capture
+    finally:
+        _capture = previous
+
+
+# ---- reading the GGUF header -------------------------------------------------------------------------
+def _field(reader: gguf.GGUFReader, key: str, default=None, required: bool = True):
+    f = reader.get_field(key)
+    if f is None:
+        if required and default is None:
+            raise EdgeError(f"{reader.data.filename} lacks the GGUF key {key}; re-export it with `edge export gguf`")
+        return default
+    return f.contents()
+
+
+def read_gguf(path: Path) -> dict:
+    """Validate a .gguf header and return its config, tokenizer, quant, default KV type and context."""
+    try:
+        reader = gguf.GGUFReader(path)
+        size = path.stat().st_size
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, KeyError, IndexError... on bad bytes
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeError(f"{path} is not a readable GGUF file ({msg}); it is truncated or corrupt, re-export it") \
+            from None
+    if end > size:
+        raise EdgeError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-export it")
+    arch = _field(reader, Keys.General.ARCHITECTURE)
+    if arch != ARCH:
+        raise EdgeError(f"{path} is a GGUF of architecture {arch!r}; this runtime runs LFM2-style models "
+                        f"(architecture {ARCH!r})")
+
+    def key(template, **kw):
+        return _field(reader, template.format(arch=arch), **kw)
+
+    hidden = key(Keys.LLM.EMBEDDING_LENGTH)
+    n_layers = key(Keys.LLM.BLOCK_COUNT)
+    heads = key(Keys.Attention.HEAD_COUNT)
+    kv = key(Keys.Attention.HEAD_COUNT_KV)
+    kv = kv if isinstance(kv, list) else [kv] * n_layers  # a scalar means every layer is attention
+    if len(kv) != n_layers:
+        raise EdgeError(f"{path}: head_count_kv has {len(kv)} entries for {n_layers} layers; the file is corrupt")
+    tokens = _field(reader, Keys.Tokenizer.LIST)
+    tensor_names = {t.name for t in reader.tensors}
+    context = key(Keys.LLM.CONTEXT_LENGTH)
+    try:
+        config = HybridConfig(
+            vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            num_key_value_heads=max(kv) or 1,  # all-conv models have no KV heads; 1 keeps the config valid
+            layer_types=["full_attention" if n else "conv" for n in kv],
+            intermediate_size=key(Keys.LLM.FEED_FORWARD_LENGTH), block_auto_adjust_ff_dim=False,
+            conv_L_cache=key(Keys.ShortConv.L_CACHE), norm_eps=key(Keys.Attention.LAYERNORM_RMS_EPS),
+            rope_theta=key(Keys.Rope.FREQ_BASE, default=10000.0),  # llama.cpp's default when absent
+            max_position_embeddings=context,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=_field(reader, Keys.Tokenizer.BOS_ID, required=False),
+            eos_token_id=_field(reader, Keys.Tokenizer.EOS_ID, required=False),
+            pad_token_id=_field(reader, Keys.Tokenizer.PAD_ID, required=False))
+    except EdgeError as e:
+        raise EdgeError(f"{path}: {e}") from None
+    hf_json = _field(reader, Keys.Tokenizer.HF_JSON, required=False)
+    if hf_json:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_str(hf_json)
+    else:
+        tokenizer = tokenizer_from_vocab(tokens, _field(reader, Keys.Tokenizer.TOKEN_TYPE, required=False),
+                                         _field(reader, Keys.Tokenizer.MERGES))
+    file_type = _field(reader, Keys.General.FILE_TYPE, required=False)
+    return dict(config=config, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
+                kv_cache=_field(reader, KV_CACHE_KEY, default="f16"))
+
+
+def _quant_name(file_type) -> str:
+    from export.gguf import DIRECT_QUANTS, K_QUANTS
+
+    names = {int(ft): name for name, (_, ft) in DIRECT_QUANTS.items()} | {int(ft): n for n, ft in K_QUANTS.items()}
+    if file_type is None:
+        return "unknown"
+    if file_type in names:
+        return names[file_type]
+    try:
+        return LlamaFileType(file_type).name.lower().removeprefix("mostly_")
+    except ValueError:
+        return f"file_type {file_type}"
+
+
+def tokenizer_from_vocab(tokens: list[str], types: list[int] | None, merges: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` from the gpt2-style vocab of a GGUF (stock files have no
+    tokenizer.json). Pre-tokenization is GPT-2's regex; control tokens are special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    types = types or [TokenType.NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == TokenType.CONTROL])
+    return tok
+
+
+# ---- the session ---------------------------------------------------------------------------------------
+class LlamaCppSession(Session):
+    engine = "llamacpp"
+
+    def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
+                 max_seq_len: int | None = None):
+        path = Path(path)
+        info = read_gguf(path)
+        config = info["config"]
+        kv_cache = kv_cache or info["kv_cache"]
+        if kv_cache not in KV_TYPES:
+            raise EdgeError(f"unknown KV-cache type {kv_cache!r} for llama.cpp; choose one of {', '.join(KV_TYPES)}")
+        self.kv_type = KV_TYPES[kv_cache]
+        block = gguf.GGML_QUANT_SIZES[self.kv_type][0]
+        if config.attention_layers and config.head_dim % block:
+            raise EdgeError(f"KV cache {kv_cache} stores blocks of {block} values but head_dim is "
+                            f"{config.head_dim}; use --kv-cache f16 or a head_dim that is a multiple of {block}")
+        n_threads = n_threads or max((os.cpu_count() or 2) // 2, 1)  # llama-cpp-python's default
+        super().__init__(config, info["tokenizer"], max_seq_len or info["context_length"], n_threads,
+                         quant=info["quant"], kv_cache=kv_cache, path=str(path))
+        self.model = self.ctx = self.batch = None
+        self._load(path)
+
+    def _load(self, path: Path):
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        with llama_log() as log:
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise EdgeError(f"llama.cpp could not load {path}: {log.last_error() or 'unknown error'}")
+        n_batch = min(self.max_seq_len, MAX_BATCH)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.max_seq_len
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k = params.type_v = int(self.kv_type)
+        # llama.cpp stores a quantized V cache only with flash attention; otherwise let it choose
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.kv_type != QType.F16
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        with llama_log() as log:
+            self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            self.close()
+            raise EdgeError(f"llama.cpp could not create a context for {path} (n_ctx {self.max_seq_len}, KV "
+                            f"{self.kv_cache}): {log.last_error() or 'unknown error'}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+
+    def _forward(self, ids):
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            b = self.batch
+            b.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                b.token[i] = token
+                b.pos[i] = self.n_past + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = False
+            b.logits[len(chunk) - 1] = True  # only the last position's logits are computed and kept
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise EdgeError(f"llama.cpp failed to evaluate {len(chunk)} tokens at position "
+                                f"{self.n_past + start} (llama_decode returned {rc}); call reset()")
+        logits = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.vocab_size,)).copy()
+
+    def _reset(self):
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the K and V cells holding the current context: for every attention layer, n_past
+        positions x kv heads x head_dim elements each of K and V, in the cache type's blocks."""
+        block, block_bytes = gguf.GGML_QUANT_SIZES[self.kv_type]
+        c = self.config
+        elements = self.n_past * c.num_key_value_heads * c.head_dim
+        return 2 * len(c.attention_layers) * elements * block_bytes // block
+
+    def synchronize(self):
+        """Wait for llama.cpp's queued work (and let it update its perf counters)."""
+        llama_cpp.llama_synchronize(self.ctx)
+
+    def close(self):
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        self.close()
