@@ -1,0 +1,175 @@
+"""One Session conformance suite, the same tests over every engine (DESIGN.md §4, issue 6).
+
+Each engine's artifact is exported once per test session from the tiny checkpoint with unquantized
+weights and cache (fp16 KV where the engine has no fp32 cache), so every engine must match the PyTorch
+reference within the "exact" bound. An engine is skipped only while its exporter or backend module
+does not exist yet.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import runtime
+from edge.config import HybridConfig
+from edge.errors import EdgeError
+from parity import assert_parity, random_ids, reference_logits, session_logits
+
+MAX_SEQ_LEN = 96
+# engine -> (export format, artifact suffix, backend module); None: the checkpoint dir itself
+ENGINES = {
+    "pytorch": None,
+    "gguf": ("gguf", ".gguf", "runtime.llamacpp"),
+    "executorch": ("executorch", ".pte", "runtime.executorch"),
+    "onnx": ("onnx", ".onnx", "runtime.onnxruntime"),
+}
+
+
+def _missing(engine: str) -> str | None:
+    if ENGINES[engine] is None:
+        return None
+    fmt, _, backend = ENGINES[engine]
+    for module in (f"export.{fmt}", backend):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not written yet"
+    return None
+
+
+PARAMS = [pytest.param(e, marks=pytest.mark.skipif(_missing(e) is not None, reason=str(_missing(e))))
+          for e in ENGINES]
+
+
+def _unquantized(names, *preferred):
+    return next(n for n in preferred if n in names)
+
+
+@pytest.fixture(scope="session")
+def conformance_artifacts(tmp_path_factory, tiny_dir):
+    """engine -> artifact path, each exported once per test session on first use."""
+    from export import export_model, format_module
+
+    built = {}
+
+    def get(engine):
+        if engine not in built:
+            if ENGINES[engine] is None:
+                built[engine] = tiny_dir
+            else:
+                fmt, suffix, _ = ENGINES[engine]
+                module = format_module(fmt)
+                built[engine] = export_model(
+                    fmt, tiny_dir, tmp_path_factory.mktemp(f"conformance-{fmt}") / f"tiny{suffix}",
+                    quant=_unquantized(module.QUANTS, "f32", "fp32"),
+                    kv_cache=_unquantized(module.KV_CACHES, "f32", "fp32", "f16", "fp16"),
+                    max_seq_len=MAX_SEQ_LEN)
+        return built[engine]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=PARAMS)
+def session(request, conformance_artifacts):
+    engine = request.param
+    path = conformance_artifacts(engine)
+    options = {"max_seq_len": MAX_SEQ_LEN} if engine == "pytorch" else {}
+    s = runtime.load(path, n_threads=1, **options)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fresh(session):
+    session.reset()
+    return session
+
+
+def test_self_sufficient_metadata(fresh, tiny_dir):
+    expected = HybridConfig.load(tiny_dir)
+    c = fresh.config
+    assert (c.vocab_size, c.num_hidden_layers, c.attention_layers, c.hidden_size) == (
+        expected.vocab_size, expected.num_hidden_layers, expected.attention_layers, expected.hidden_size)
+    assert fresh.max_seq_len == MAX_SEQ_LEN
+    assert fresh.n_threads == 1
+    assert fresh.n_past == 0
+    assert fresh.engine in {"pytorch", "llamacpp", "executorch", "onnxruntime"}
+    assert fresh.tokenizer is not None, "artifacts carry their tokenizer"
+
+
+def test_prefill_decode_matches_reference(fresh, tiny_dir):
+    ids = random_ids(fresh.vocab_size, seed=1)
+    got = session_logits(fresh, ids)
+    assert got.dtype == np.float32 and got.shape[1] == fresh.vocab_size
+    assert fresh.n_past == len(ids)
+    assert_parity(reference_logits(tiny_dir, ids), got, "exact")
+
+
+def test_reset_gives_identical_logits(fresh):
+    ids = random_ids(fresh.vocab_size, seed=2, n=12)
+    first = fresh.prefill(ids)
+    for t in random_ids(fresh.vocab_size, seed=3, n=5):
+        fresh.decode(t)
+    fresh.reset()
+    assert fresh.n_past == 0
+    again = fresh.prefill(ids)  # stale state from the first sequence must not leak in
+    np.testing.assert_allclose(again, first, rtol=0, atol=1e-5 * float(np.abs(first).max()))
+    decoded = [fresh.decode(t) for t in (5, 6)]
+    fresh.reset()
+    fresh.prefill(ids)
+    np.testing.assert_allclose([fresh.decode(t) for t in (5, 6)], decoded, rtol=0,
+                               atol=1e-5 * float(np.abs(first).max()))
+
+
+def test_generate_is_deterministic_with_a_seed(fresh):
+    prompt = random_ids(fresh.vocab_size, seed=4, n=6)
+    kwargs = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, stop_at_eos=False)
+    first = list(fresh.generate(prompt, seed=7, **kwargs))
+    fresh.reset()
+    second = list(fresh.generate(prompt, seed=7, **kwargs))
+    assert first == second and len(first) == 12
+    assert fresh.n_past == len(prompt) + 12
+    assert all(0 <= t < fresh.vocab_size for t in first)
+
+
+def test_streaming_text_through_the_tokenizer(fresh):
+    pieces = list(fresh.stream_text("def main():", max_new_tokens=8, stop_at_eos=False))
+    assert pieces and all(isinstance(p, str) for p in pieces)
+    fresh.reset()
+    ids = list(fresh.generate(fresh.encode("def main():"), max_new_tokens=8, stop_at_eos=False))
+    assert "".join(pieces) == fresh.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_context_overflow_is_one_line(fresh):
+    fresh.prefill(random_ids(fresh.vocab_size, seed=5, n=MAX_SEQ_LEN - 2))
+    with pytest.raises(EdgeError, match="context overflow") as e:
+        fresh.prefill([1, 2, 3])
+    assert "\n" not in str(e.value)
+    assert fresh.n_past == MAX_SEQ_LEN - 2, "a refused call leaves the context as it was"
+    fresh.decode(3)
+    fresh.decode(4)  # the last position is usable
+    with pytest.raises(EdgeError, match="context overflow"):
+        fresh.decode(5)
+
+
+def test_token_id_out_of_range_is_one_line(fresh):
+    for bad in ([fresh.vocab_size], [1, -1]):
+        with pytest.raises(EdgeError, match="out of range") as e:
+            fresh.prefill(bad)
+        assert "\n" not in str(e.value)
+    assert fresh.n_past == 0
+
+
+def test_kv_cache_bytes_grow_with_n_past(fresh):
+    start = fresh.kv_cache_bytes()
+    fresh.prefill(random_ids(fresh.vocab_size, seed=6, n=8))
+    after_prefill = fresh.kv_cache_bytes()
+    for t in range(16):
+        fresh.decode(t)
+    after_decode = fresh.kv_cache_bytes()
+    assert 0 <= start < after_prefill < after_decode
+    # the tiny model's grouped fp32/fp16 cache: 2 attention layers x K,V x 2 kv heads x 32 dims per token
+    per_token = 2 * 2 * 2 * 32
+    assert per_token * 2 * 16 <= after_decode - after_prefill <= per_token * 4 * 16 + 4096
+    fresh.reset()
+    assert fresh.kv_cache_bytes() <= start
