@@ -1,0 +1,264 @@
+"""ExecuTorch exporter: a Hugging Face LFM2 checkpoint -> one self-sufficient .pte lowered to XNNPACK.
+
+The reference `HybridLM` is exported unchanged; only its cache object differs. `BufferCache` keeps the
+sequence state inside the program as mutable buffers, which ExecuTorch memory-plans once and keeps
+between `execute()` calls of a loaded method:
+  - per attention layer K and V in ExecuTorch's llama layout [1, max_seq_len, n_kv_heads, head_dim]
+    (grouped, never expanded), written with `llama::update_cache` and read by `llama::custom_sdpa`
+    (fp32) or `llama::custom_quantized_sdpa` (int8: int8 values plus one fp32 scale per
+    (position, kv head), symmetric, so the zero points are a constant zero tensor);
+  - per conv layer the last conv_L_cache-1 columns of B*x, [1, hidden, L_cache-1].
+Both custom kernels attend only to positions < start_pos+T, so stale K/V of an earlier sequence are
+never read; the conv state is zeroed inside the graph whenever input_pos is 0. A new sequence therefore
+needs no reset call at all: starting again at position 0 is the reset.
+
+The program has one `forward(tokens[1, T], input_pos[1]) -> logits[1, vocab]` (last position only)
+with T dynamic in 1..prefill_chunk, plus constant methods: the ones ExecuTorch's LLM runner reads
+(get_max_seq_len, get_vocab_size, get_bos_id, get_eos_ids, use_kv_cache, ...) and ours —
+`edge_metadata` (uint8 tensor of JSON: HybridConfig, quant, KV format, ...) and `edge_tokenizer_json`
+(uint8 tensor of the tokenizer.json text) — so the .pte alone is everything `runtime.load` needs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge.checkpoint import load_model
+from edge.errors import EdgeError
+from edge.files import atomic_path
+from edge.tokenizer import tokenizer_json
+
+QUANTS = ("fp32", "8da8w", "8da4w")
+KV_CACHES = ("fp32", "int8")
+DEFAULT_QUANT = "8da8w"     # the CLI's rule: each format's 8-bit weights by default
+DEFAULT_KV_CACHE = "fp32"   # exact attention; int8 saves 3.8x cache memory at mean cos ~0.9999
+EMBEDDING_QUANTS = ("none", "int8", "int4")
+DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
+DEFAULT_PREFILL_CHUNK = 128
+METADATA_VERSION = 1
+
+
+def load_custom_ops() -> None:
+    """Register the llama:: and quantized_decomposed:: ops (export-time kernels and runtime kernels)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
+
+
+# ---- the cache: mutable buffers -------------------------------------------------------------------
+def quantize_symmetric(x: torch.Tensor):
+    """int8 values and one fp32 scale per vector over the last dim (symmetric: zero point 0)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+class BufferCache(nn.Module):
+    """HybridLM's cache interface (see edge/model.py) over buffers that live inside the .pte."""
+
+    def __init__(self, config, max_seq_len: int, kv_cache: str):
+        super().__init__()
+        self.config, self.max_seq_len, self.kv_cache = config, max_seq_len, kv_cache
+        kv_shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
+        for i in config.attention_layers:
+            dtype = torch.int8 if kv_cache == "int8" else torch.float32
+            self.register_buffer(f"k_{i}", torch.zeros(kv_shape, dtype=dtype))
+            self.register_buffer(f"v_{i}", torch.zeros(kv_shape, dtype=dtype))
+            if kv_cache == "int8":
+                self.register_buffer(f"k_scales_{i}", torch.zeros(kv_shape[:3] + (1,)))
+                self.register_buffer(f"v_scales_{i}", torch.zeros(kv_shape[:3] + (1,)))
+        if kv_cache == "int8":  # a constant, not state: symmetric quantization has zero points 0
+            self.register_buffer("kv_zero_points", torch.zeros(kv_shape[:3] + (1,), dtype=torch.int8))
+        for i in config.conv_layers:
+            self.register_buffer(f"conv_{i}", torch.zeros(1, config.hidden_size, config.conv_L_cache - 1))
+        self.keep_conv_state = None  # set per call: 0.0 at input_pos 0 (a new sequence), else 1.0
+
+    def attend(self, layer, q, k, v, start_pos):
+        # the llama kernels take [B, T, heads, head_dim]; GQA is native in them (no repeat of K/V)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k_cache, v_cache = getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+        if self.kv_cache == "fp32":
+            torch.ops.llama.update_cache(k, k_cache, start_pos)
+            torch.ops.llama.update_cache(v, v_cache, start_pos)
+            y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0, True)
+        else:
+            k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
+            (kq, ks), (vq, vs), (qq, qs) = quantize_symmetric(k), quantize_symmetric(v), quantize_symmetric(q)
+            torch.ops.llama.update_cache(kq, k_cache, start_pos)
+            torch.ops.llama.update_cache(ks, k_scales, start_pos)
+            torch.ops.llama.update_cache(vq, v_cache, start_pos)
+            torch.ops.llama.update_cache(vs, v_scales, start_pos)
+            zp = self.kv_zero_points
+            y = torch.ops.llama.custom_quantized_sdpa(
+                qq, k_cache, v_cache, start_pos, None, 0, True, None,
+                torch.zeros_like(qs, dtype=torch.int8), qs, zp, k_scales, zp, v_scales)
+        return y.transpose(1, 2)
+
+    def conv_window(self, layer, bx):
+        state = getattr(self, f"conv_{layer}")
+        window = torch.cat([state * self.keep_conv_state, bx], dim=-1)
+        state.copy_(window[..., -(self.config.conv_L_cache - 1):])
+        return window
+
+
+class ExportedLM(nn.Module):
+    """forward(tokens[1, T], input_pos[1]) -> logits [1, vocab] of the last position."""
+
+    def __init__(self, model, cache: BufferCache):
+        super().__init__()
+        self.model, self.cache = model, cache
+
+    def forward(self, tokens, input_pos):
+        start_pos = input_pos[0].item()
+        torch._check_is_size(start_pos)
+        torch._check(start_pos + tokens.shape[1] <= self.cache.max_seq_len)
+        self.cache.keep_conv_state = (input_pos > 0).to(torch.float32)
+        logits = self.model(tokens, start_pos, self.cache, last_logits_only=True)
+        return logits[:, -1]
+
+
+# ---- weight quantization --------------------------------------------------------------------------
+class QuantizedEmbedding(nn.Module):
+    """Embedding table in int8 (one scale per row) or int4 (one scale per group of 32 columns, two
+    values per byte), read by ExecuTorch's quantized_decomposed::embedding_byte / embedding_4bit."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 32):
+        super().__init__()
+        self.bits = bits
+        vocab, dim = weight.shape
+        groups = 1 if bits == 8 else dim // group_size
+        w = weight.detach().float().reshape(vocab, groups, -1)
+        qmax = 127 if bits == 8 else 7
+        scales = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10)
+        q = torch.round(w / scales).clamp(-qmax - 1, qmax).to(torch.int8).reshape(vocab, dim)
+        if bits == 4:  # kernel layout: (even + 8) in the high nibble, (odd + 8) in the low nibble
+            u = (q + 8).to(torch.uint8).reshape(vocab, dim // 2, 2)
+            q = u[..., 0] * 16 + u[..., 1]
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.reshape(vocab, groups).squeeze(-1))
+
+    def forward(self, tokens):
+        if self.bits == 8:
+            return torch.ops.quantized_decomposed.embedding_byte.dtype(
+                self.weight, self.scales, None, -128, 127, tokens, dtype=torch.float32)
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.weight, self.scales, None, -8, 7, tokens, dtype=torch.float32)
+
+
+def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]:
+    """torchao dynamic int8 activations x int8/int4 weights (what XNNPACK runs); returns skipped names."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    skipped = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and group_size and m.in_features % group_size]
+    for name in skipped:  # never silently: the user sees every linear left in fp32
+        mod = model.get_submodule(name)
+        msg = (f"executorch {quant}: {name} stays fp32 (in_features {mod.in_features} is not a multiple of "
+               f"--group-size {group_size}); pick a group size that divides it, or 0 for per-channel")
+        warnings.warn(msg, stacklevel=2)
+        print(f"warning: {msg}", file=sys.stderr)
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4 if quant == "8da4w" else torch.int8,
+        weight_granularity=PerGroup(group_size) if group_size else PerAxis(0))
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped)
+    return skipped
+
+
+def prepare_model(model, quant: str, group_size: int, embedding_quant: str):
+    if model.config.tie_word_embeddings and (quant != "fp32" or embedding_quant != "none"):
+        # untie: lm_head gets the linear format, the table the embedding format
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    skipped = quantize_linears(model, quant, group_size) if quant != "fp32" else []
+    if embedding_quant != "none":
+        bits = 8 if embedding_quant == "int8" else 4
+        model.model.embed_tokens = QuantizedEmbedding(model.model.embed_tokens.weight, bits)
+    return skipped
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk):
+    if embedding_quant not in EMBEDDING_QUANTS:
+        raise EdgeError(f"unsupported --embedding-quant {embedding_quant!r}; choose one of {', '.join(EMBEDDING_QUANTS)}")
+    if embedding_quant == "int4" and config.hidden_size % 32:
+        raise EdgeError(f"--embedding-quant int4 needs hidden_size divisible by 32, got {config.hidden_size}; use int8")
+    if group_size < 0:
+        raise EdgeError(f"--group-size must be >= 0 (0 = per channel), got {group_size}")
+    if not 1 <= prefill_chunk:
+        raise EdgeError(f"--prefill-chunk must be positive, got {prefill_chunk}")
+    if max_seq_len < 2:
+        raise EdgeError(f"--max-seq-len must be at least 2 for an ExecuTorch export, got {max_seq_len}")
+
+
+def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
+           group_size: int = DEFAULT_GROUP_SIZE, embedding_quant: str | None = None,
+           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verbose: bool = False) -> Path:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    load_custom_ops()
+    started = time.time()
+    tok_text = tokenizer_json(model_dir)
+    model = load_model(model_dir)
+    config = model.config
+    embedding_quant = embedding_quant or ("none" if quant == "fp32" else "int8")
+    _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk)
+    prefill_chunk = min(prefill_chunk, max_seq_len)
+    skipped = prepare_model(model, quant, group_size, embedding_quant)
+    wrapper = ExportedLM(model, BufferCache(config, max_seq_len, kv_cache)).eval()
+
+    # example T >= 2 so export keeps T symbolic (0 and 1 get specialized)
+    example = (torch.tensor([[2, 3, 4]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    chunk = torch.export.Dim("tokens", min=1, max=max(prefill_chunk, 2))
+    try:
+        with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            ep = torch.export.export(wrapper, example, dynamic_shapes=({1: chunk}, None), strict=False)
+    except Exception as e:
+        raise EdgeError(f"torch.export of {model_dir} failed: {str(e).splitlines()[0]}") from e
+
+    metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_cache,
+                    group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
+                    max_seq_len=max_seq_len, unquantized_linears=skipped)
+    constant_methods = {
+        # read by ExecuTorch's LLM runner (extension/llm/runner/constants.h)
+        "get_max_seq_len": prefill_chunk,   # the runner's name for the most tokens one forward takes
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": config.vocab_size,
+        "get_bos_id": config.bos_token_id,
+        "get_eos_ids": [config.eos_token_id],
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+        # ours: everything runtime.load needs, so the .pte is self-sufficient
+        "edge_metadata": _bytes_tensor(json.dumps(metadata)),
+        "edge_tokenizer_json": _bytes_tensor(tok_text),
+    }
+    # the dynamically-quantized linears go first to XNNPACK's DQ partitioner, the rest to the full one
+    partitioners = ([XnnpackDynamicallyQuantizedPartitioner()] if quant != "fp32" else []) + [XnnpackPartitioner()]
+    try:
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=partitioners, constant_methods=constant_methods,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    except Exception as e:
+        raise EdgeError(f"lowering {model_dir} to ExecuTorch failed: {str(e).splitlines()[0]}") from e
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            program.write_to_file(f)
+    if verbose:
+        print(f"exported {out} in {time.time() - started:.1f}s", file=sys.stderr)
+    return out
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()

@@ -1,0 +1,105 @@
+"""ExecuTorch backend: runs a .pte written by `edge export executorch` with `executorch.runtime`.
+
+The sequence state (K/V, conv state) lives in the loaded `forward` method's mutable buffers, which
+ExecuTorch allocates once at max_seq_len. A forward at input_pos 0 zeroes the conv state inside the
+graph and the attention kernels never read K/V past the current position, so `reset()` costs nothing:
+it only rewinds n_past. Prompts longer than the exported prefill chunk are run chunk by chunk.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.config import HybridConfig
+from edge.errors import EdgeError
+from edge.tokenizer import load_tokenizer
+
+from .session import Session
+
+KV_ELEMENT_BYTES = {"fp32": 4, "int8": 1}
+
+
+def _runtime():
+    """The ExecuTorch runtime with the llama:: and quantized_decomposed:: kernels registered."""
+    from executorch.runtime import Runtime
+
+    from export.executorch import load_custom_ops
+    load_custom_ops()
+    return Runtime.get()
+
+
+def set_threads(n_threads: int | None) -> int:
+    """Size of the threadpool XNNPACK and the custom kernels share (process-wide); returns it."""
+    from executorch.extension.pybindings import portable_lib
+    if n_threads:
+        portable_lib._unsafe_reset_threadpool(int(n_threads))
+    return portable_lib._threadpool_get_thread_count()
+
+
+def _text(method) -> str:
+    return bytes(method.execute([])[0].numpy().tobytes()).decode("utf-8")
+
+
+class ExecuTorchSession(Session):
+    engine = "executorch"
+
+    def __init__(self, path, n_threads: int | None = None, **options):
+        path = Path(path)
+        runtime = _runtime()
+        try:
+            self.program = runtime.load_program(path)
+            names = self.program.method_names
+        except Exception as e:
+            raise EdgeError(f"cannot load {path}: not a valid ExecuTorch program ({str(e).splitlines()[0]}); "
+                            "re-export it with `edge export executorch`") from None
+        if "edge_metadata" not in names:
+            raise EdgeError(f"{path} was not written by `edge export executorch` (no edge_metadata method); "
+                            "re-export it")
+        try:
+            meta = json.loads(_text(self.program.load_method("edge_metadata")))
+            tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
+            self.forward = self.program.load_method("forward")
+        except EdgeError:
+            raise
+        except Exception as e:
+            raise EdgeError(f"cannot load {path}: {str(e).splitlines()[0]}; re-export it") from None
+        config = HybridConfig.from_dict(meta["config"])
+        super().__init__(config, tokenizer, meta["max_seq_len"], set_threads(n_threads),
+                         quant=meta["quant"], kv_cache=meta["kv_cache"], path=str(path))
+        self.metadata = meta
+        self.prefill_chunk = meta["prefill_chunk"]
+
+    def _forward(self, ids):
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            tokens = torch.tensor([chunk], dtype=torch.long)
+            pos = torch.tensor([self.n_past + start], dtype=torch.long)
+            try:
+                logits = self.forward.execute([tokens, pos])[0]
+            except Exception as e:
+                raise EdgeError(f"ExecuTorch forward failed at position {self.n_past + start}: "
+                                f"{str(e).splitlines()[0]}") from None
+        return logits.reshape(-1).numpy().astype(np.float32, copy=False)
+
+    def _reset(self):
+        pass  # the next forward starts at input_pos 0, which starts a fresh sequence inside the graph
+
+    def _kv_bytes(self, positions: int) -> int:
+        c = self.config
+        per_position = len(c.attention_layers) * 2 * c.num_key_value_heads  # K and V vectors
+        nbytes = per_position * c.head_dim * KV_ELEMENT_BYTES[self.kv_cache]
+        if self.kv_cache == "int8":
+            nbytes += per_position * 4  # one fp32 scale per (position, kv head)
+        return positions * nbytes
+
+    def kv_cache_bytes(self) -> int:
+        """K/V (+ int8 scales) of the positions in use; the buffers themselves are allocated at max_seq_len."""
+        return self._kv_bytes(self.n_past)
+
+    def kv_cache_allocated_bytes(self) -> int:
+        """What the program's K/V buffers occupy: preallocated for max_seq_len positions."""
+        return self._kv_bytes(self.max_seq_len)
