@@ -174,6 +174,9 @@ class LlamaCppSession(Session):
         path = Path(path)
         info = read_gguf(path)
         config = info["config"]
+        if not config.attention_layers:  # llama.cpp would abort the process at the first llama_decode
+            raise EdgeError(f"{path} has no attention layer, which llama.cpp's lfm2 cannot run (it aborts on "
+                            "an empty KV cache); re-export a model with at least one full_attention layer")
         kv_cache = kv_cache or info["kv_cache"]
         if kv_cache not in KV_TYPES:
             raise EdgeError(f"unknown KV-cache type {kv_cache!r} for llama.cpp; choose one of {', '.join(KV_TYPES)}")
