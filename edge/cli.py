@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", default="edge-search", help="study name (default edge-search)")
     s.add_argument("--out", required=True, metavar="DIR", help="directory for the front table, JSON and plot")
     s.add_argument("--export-best", metavar="DIR", help="write the best feasible checkpoint and its artifact here")
+    s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or checkpoint dir whose tokenizer (and vocab "
+                   "size) every candidate gets (default: one trained on the default corpus, saved in OUT)")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads for measurements (default 1)")
     s.set_defaults(func=cmd_search)
