@@ -8,8 +8,9 @@ embedded tokenizer.json if present, else rebuilt from `tokenizer.ggml.tokens`/`m
 is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_cache=` overrides it.
 
 The header is validated with gguf-py's reader before llama.cpp sees the file, because llama.cpp aborts
-the process on some malformed files; llama.cpp's own log is captured, never printed, and its last error
-line ends up in the EdgeError when it still refuses a file.
+the process on some malformed files (and on lfm2 models without attention layers); llama.cpp's log is
+captured process-wide, never printed, and its last error line ends up in the EdgeError when it still
+refuses a file.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ _capture: _LogCapture | None = None
 @llama_cpp.llama_log_callback
 def _log_callback(level, text, user_data):
     if _capture is not None:
-        _capture.lines.append((level, text.decode("utf-8", errors="replace")))
+        _capture.lines.append((level, (text or b"").decode("utf-8", errors="replace")))
 
 
 llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))  # process-wide: keeps llama.cpp quiet

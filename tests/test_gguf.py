@@ -330,6 +330,13 @@ def test_all_conv_model_is_refused(model_dir, tokenizer, tmp_path):
     one_line_error(lambda: load(path), "no attention layer")
 
 
+def test_rows_not_multiple_of_block_are_refused(tokenizer, tmp_path):
+    d = build_checkpoint(tmp_path / "h144", tokenizer, hidden_size=144)  # rows of 144: not 32-aligned
+    one_line_error(lambda: export_model("gguf", d, tmp_path / "q.gguf", quant="q8_0"), "144", "Q8_0", "f16")
+    assert not (tmp_path / "q.gguf").exists()
+    assert export_model("gguf", d, tmp_path / "f.gguf", quant="f16").exists()
+
+
 def test_conv_bias_is_refused(tokenizer, tmp_path):
     d = build_checkpoint(tmp_path / "bias", tokenizer, conv_bias=True)
     one_line_error(lambda: export_model("gguf", d, tmp_path / "b.gguf"), "conv_bias")
