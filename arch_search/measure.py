@@ -112,10 +112,12 @@ def _run_child(args: list[str], timeout_s: float, step: str) -> None:
         _kill_group(proc)
         raise
     if proc.returncode != 0:
-        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else ""
+        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
+        # an engine abort prints a backtrace after its message: prefer the line that says what failed
+        telling = [ln for ln in lines if "GGML_ASSERT" in ln or "Error" in ln or "error:" in ln]
+        last = (telling or lines or [""])[-1]
         if proc.returncode < 0:
-            reason = f"killed by signal {signal.Signals(-proc.returncode).name}"
+            reason = f"killed by signal {signal.Signals(-proc.returncode).name}" + (f" ({last[:240]})" if last else "")
         else:
             reason = last[:300] if last else f"exit status {proc.returncode}"
         raise MeasureFailed(f"{step} failed: {reason}")

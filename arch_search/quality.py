@@ -194,7 +194,7 @@ def _train(cfg, inputs: np.ndarray, labels: np.ndarray, steps: int, batch: int, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        final = float(loss)
+        final = float(loss.detach())
     return {"model": model.eval(), "final": final}
 
 

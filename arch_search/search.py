@@ -139,11 +139,16 @@ def open_study(settings: SearchSettings):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = settings.storage_url
-    try:
-        storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                             engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: one line naming the URL
-        raise EdgeError(f"cannot open storage {_safe_url(url)}: {str(e).strip().splitlines()[0]}") from None
+    for attempt in range(4):
+        try:
+            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+            break
+        except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: one line naming the URL
+            # workers starting together on a fresh database race to create Optuna's tables: retry
+            if attempt == 3 or "could not connect" in str(e) or "No module named" in str(e):
+                raise EdgeError(f"cannot open storage {_safe_url(url)}: {str(e).strip().splitlines()[0]}") from None
+            time.sleep(1 + 2 * random.random())
     seed = settings.seed
     if not url.startswith("sqlite"):  # many workers: give each its own random stream (optuna #3162)
         seed = (settings.seed * 1_000_003 + os.getpid()) % 2**31

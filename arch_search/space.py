@@ -9,7 +9,9 @@ parameters whose every combination is valid, then derives the model from them:
   (kv_group is the GQA ratio asked for; the candidate records the ratio it got);
 - FFN width = width x ffn_mult rounded to the space's multiple (a multiple of 32 for 4-bit groups);
 - one `layer_i` choice (conv or attention) per layer, so the number AND the positions of the
-  attention blocks are searched, and NSGA-II's uniform crossover mixes layouts layer by layer.
+  attention blocks are searched, and NSGA-II's uniform crossover mixes layouts layer by layer;
+  every candidate is a hybrid: an all-conv pick gets attention in its last layer, an all-attention pick
+  conv in its first (llama.cpp's lfm2 runs neither extreme; conv-only also fails at recall).
 Every distribution is fixed per parameter name (Optuna refuses a categorical whose choices change).
 
 A candidate's identity is the sha256 of its canonical config JSON (`Candidate.hash`): two parameter
@@ -136,6 +138,13 @@ def suggest(trial, space: str, vocab_size: int) -> Candidate:
     l_cache = trial.suggest_categorical("l_cache", list(b.l_cache))
     layers = [trial.suggest_categorical(f"layer_{i}", ["conv", "attention"]) for i in range(depth)]
     hidden = heads * head_dim
+    # LFM2 designs are hybrids, and llama.cpp's lfm2 runs only hybrids (it refuses conv-only models and
+    # aborts on attention-only ones): a pick without attention gets it in the last layer, a pick without
+    # conv gets it in the first (depth >= 2 everywhere, so both fit)
+    if "attention" not in layers:
+        layers[-1] = "attention"
+    if "conv" not in layers:
+        layers[0] = "conv"
     return Candidate(depth=depth, hidden=hidden, heads=heads, kv_heads=kv_heads_for(heads, kv_group),
                      ffn=ffn_width(hidden, ffn_mult, b.ffn_multiple_of),
                      attention=tuple(i for i, t in enumerate(layers) if t == "attention"),
@@ -143,7 +152,7 @@ def suggest(trial, space: str, vocab_size: int) -> Candidate:
 
 
 def lfm2_layout(depth: int) -> tuple[int, ...]:
-    """LFM2's attention positions (2,5,8,10,12,14 of 16) scaled to `depth`, keeping its 6/16 share.
+    """LFM2's attention positions (2,5,8,10,12,14 of 16) scaled to `depth`, keeping its 6/16 share (at most 6).
 
     With n = round(6/16 * depth) blocks, take n of LFM2's six positions spread evenly (always the first
     and the last), and map each from 0..15 onto 0..depth-1. Depth 16 gives LFM2's layout exactly."""
