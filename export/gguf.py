@@ -260,4 +260,4 @@ def quantize_with_llamacpp(src: Path, dst: Path, file_type: LlamaFileType) -> No
     with llama_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise EdgeError(f"llama.cpp could not quantize to {file_type.name}: {log.last_error() or f'status {rc}'}")
+        raise EdgeError(f"llama.cpp could not quantize to {file_type.name}: {log.first_error() or f'status {rc}'}")

@@ -9,7 +9,7 @@ is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_c
 
 The header is validated with gguf-py's reader before llama.cpp sees the file, because llama.cpp aborts
 the process on some malformed files (and on lfm2 models without attention layers); llama.cpp's log is
-captured process-wide, never printed, and its last error line ends up in the EdgeError when it still
+captured process-wide, never printed, and its first error line ends up in the EdgeError when it still
 refuses a file.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .session import Session
 KV_TYPES = {"f16": QType.F16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0}
 KV_CACHE_KEY = "hybrid_edge.kv_cache"  # written by export.gguf
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LFM2]
-GGML_LOG_LEVEL_ERROR = 3
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunks
 
 
@@ -42,9 +42,9 @@ class _LogCapture:
     def __init__(self):
         self.lines: list[tuple[int, str]] = []
 
-    def last_error(self) -> str:
+    def first_error(self) -> str:
         errors = [text.strip() for level, text in self.lines if level == GGML_LOG_LEVEL_ERROR and text.strip()]
-        return errors[-1] if errors else ""
+        return errors[0] if errors else ""
 
 
 _capture: _LogCapture | None = None
@@ -198,7 +198,7 @@ class LlamaCppSession(Session):
         with llama_log() as log:
             self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
-            raise EdgeError(f"llama.cpp could not load {path}: {log.last_error() or 'unknown error'}")
+            raise EdgeError(f"llama.cpp could not load {path}: {log.first_error() or 'unknown error'}")
         n_batch = min(self.max_seq_len, MAX_BATCH)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.max_seq_len
@@ -214,7 +214,7 @@ class LlamaCppSession(Session):
         if not self.ctx:
             self.close()
             raise EdgeError(f"llama.cpp could not create a context for {path} (n_ctx {self.max_seq_len}, KV "
-                            f"{self.kv_cache}): {log.last_error() or 'unknown error'}")
+                            f"{self.kv_cache}): {log.first_error() or 'unknown error'}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch

@@ -305,6 +305,15 @@ def test_non_lfm2_gguf(tmp_path):
     one_line_error(lambda: load(path), "'llama'", "lfm2")
 
 
+def test_llamacpp_refusal_is_quoted(model_dir, tmp_path, monkeypatch):
+    """A well-formed lfm2 header that llama.cpp still refuses (a missing tensor): its error, one line."""
+    plan = export_gguf.plan_tensors
+    monkeypatch.setattr(export_gguf, "plan_tensors",
+                        lambda *a: [p for p in plan(*a) if p[0] != "blk.1.ffn_gate.weight"])
+    path = export_model("gguf", model_dir("tiny"), tmp_path / "missing.gguf", quant="f32")
+    one_line_error(lambda: load(path), "llama.cpp could not load", "blk.1.ffn_gate.weight")
+
+
 def test_unknown_quant_and_kv_names(model_dir, gguf_file, tmp_path):
     out = tmp_path / "x.gguf"
     one_line_error(lambda: export_model("gguf", model_dir("tiny"), out, quant="q3_x"), "q3_x", "q4_k_m")
