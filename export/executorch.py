@@ -27,10 +27,12 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edge.checkpoint import load_model
 from edge.errors import EdgeError
+from edge.model import RMSNorm, causal_mask, grouped_attention
 from edge.files import atomic_path
 from edge.tokenizer import tokenizer_json
 
@@ -60,9 +62,10 @@ def quantize_symmetric(x: torch.Tensor):
 class BufferCache(nn.Module):
     """HybridLM's cache interface (see edge/model.py) over buffers that live inside the .pte."""
 
-    def __init__(self, config, max_seq_len: int, kv_cache: str):
+    def __init__(self, config, max_seq_len: int, kv_cache: str, attention: str = "custom"):
         super().__init__()
         self.config, self.max_seq_len, self.kv_cache = config, max_seq_len, kv_cache
+        self.attention = attention  # "custom": llama:: kernels; "plain": ATen ops (kept for the A/B benchmark)
         kv_shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
         for i in config.attention_layers:
             dtype = torch.int8 if kv_cache == "int8" else torch.float32
@@ -81,6 +84,8 @@ class BufferCache(nn.Module):
         # the llama kernels take [B, T, heads, head_dim]; GQA is native in them (no repeat of K/V)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k_cache, v_cache = getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+        if self.attention == "plain":
+            return self._attend_plain(layer, q, k, v, start_pos, k_cache, v_cache)
         if self.kv_cache == "fp32":
             torch.ops.llama.update_cache(k, k_cache, start_pos)
             torch.ops.llama.update_cache(v, v_cache, start_pos)
@@ -97,6 +102,25 @@ class BufferCache(nn.Module):
                 qq, k_cache, v_cache, start_pos, None, 0, True, None,
                 torch.zeros_like(qs, dtype=torch.int8), qs, zp, k_scales, zp, v_scales)
         return y.transpose(1, 2)
+
+    def _attend_plain(self, layer, q, k, v, start_pos, k_cache, v_cache):
+        """Slice-copy into the cache, dequantize the used prefix, masked SDPA: no custom kernels."""
+        end = start_pos + q.shape[1]
+        if self.kv_cache == "fp32":
+            k_cache[:, start_pos:end].copy_(k)
+            v_cache[:, start_pos:end].copy_(v)
+            keys, values = k_cache[:, :end], v_cache[:, :end]
+        else:
+            k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
+            (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
+            k_cache[:, start_pos:end].copy_(kq)
+            k_scales[:, start_pos:end].copy_(ks)
+            v_cache[:, start_pos:end].copy_(vq)
+            v_scales[:, start_pos:end].copy_(vs)
+            keys = k_cache[:, :end].to(torch.float32) * k_scales[:, :end]
+            values = v_cache[:, :end].to(torch.float32) * v_scales[:, :end]
+        mask = causal_mask(q.shape[1], end, start_pos)
+        return grouped_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
 
     def conv_window(self, layer, bx):
         state = getattr(self, f"conv_{layer}")
@@ -119,6 +143,29 @@ class ExportedLM(nn.Module):
         self.cache.keep_conv_state = (input_pos > 0).to(torch.float32)
         logits = self.model(tokens, start_pos, self.cache, last_logits_only=True)
         return logits[:, -1]
+
+
+class MatmulRMSNorm(nn.Module):
+    """RMSNorm with the mean of squares as a matmul: XNNPACK has no last-dim mean, so the plain norm
+    splits the delegated graph at every layer (34 -> 19 partitions on the tiny model). Same math."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        dim = norm.weight.shape[0]
+        self.register_buffer("mean_weight", torch.full((1, dim), 1.0 / dim))
+
+    def forward(self, x):
+        mean_square = F.linear(x * x, self.mean_weight)
+        return self.weight * (x * torch.rsqrt(mean_square + self.eps))
+
+
+def use_matmul_rms_norm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, RMSNorm):
+            setattr(module, name, MatmulRMSNorm(child))
+        else:
+            use_matmul_rms_norm(child)
 
 
 # ---- weight quantization --------------------------------------------------------------------------
@@ -150,12 +197,16 @@ class QuantizedEmbedding(nn.Module):
 
 
 def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]:
-    """torchao dynamic int8 activations x int8/int4 weights (what XNNPACK runs); returns skipped names."""
+    """torchao dynamic int8 activations x int8/int4 weights (what XNNPACK runs); returns skipped names.
+
+    8da4w: int4 weights in groups of `group_size` input columns (0 = one scale per output channel).
+    8da8w: int8 weights with one scale per output channel (XNNPACK runs groups for 4-bit only)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
+    grouped = quant == "8da4w" and group_size > 0
     skipped = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and group_size and m.in_features % group_size]
+               if isinstance(m, nn.Linear) and grouped and m.in_features % group_size]
     for name in skipped:  # never silently: the user sees every linear left in fp32
         mod = model.get_submodule(name)
         msg = (f"executorch {quant}: {name} stays fp32 (in_features {mod.in_features} is not a multiple of "
@@ -164,7 +215,7 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
         print(f"warning: {msg}", file=sys.stderr)
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if quant == "8da4w" else torch.int8,
-        weight_granularity=PerGroup(group_size) if group_size else PerAxis(0))
+        weight_granularity=PerGroup(group_size) if grouped else PerAxis(0))
     quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped)
     return skipped
 
@@ -177,6 +228,7 @@ def prepare_model(model, quant: str, group_size: int, embedding_quant: str):
     if embedding_quant != "none":
         bits = 8 if embedding_quant == "int8" else 4
         model.model.embed_tokens = QuantizedEmbedding(model.model.embed_tokens.weight, bits)
+    use_matmul_rms_norm(model)  # after quantize_, which must not see the norms' matmul
     return skipped
 
 
@@ -196,7 +248,7 @@ def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_q
 
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
            group_size: int = DEFAULT_GROUP_SIZE, embedding_quant: str | None = None,
-           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verbose: bool = False) -> Path:
+           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "custom", verbose: bool = False) -> Path:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -212,7 +264,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk)
     prefill_chunk = min(prefill_chunk, max_seq_len)
     skipped = prepare_model(model, quant, group_size, embedding_quant)
-    wrapper = ExportedLM(model, BufferCache(config, max_seq_len, kv_cache)).eval()
+    wrapper = ExportedLM(model, BufferCache(config, max_seq_len, kv_cache, attention)).eval()
 
     # example T >= 2 so export keeps T symbolic (0 and 1 get specialized)
     example = (torch.tensor([[2, 3, 4]], dtype=torch.long), torch.tensor([0], dtype=torch.long))

@@ -8,6 +8,7 @@ it only rewinds n_past. Prompts longer than the exported prefill chunk are run c
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,23 @@ def _runtime():
     return Runtime.get()
 
 
+_pool_in_use = False  # set once a method is loaded: from then on the pool must not be resized
+
+
 def set_threads(n_threads: int | None) -> int:
-    """Size of the threadpool XNNPACK and the custom kernels share (process-wide); returns it."""
+    """Size the threadpool XNNPACK and the custom kernels share (process-wide); returns its size.
+
+    XNNPACK binds the pool when a method is loaded, and resizing it under a loaded method crashes the
+    process (glibc `__pthread_tpp_change_priority` assertion), so after the first session the size is
+    fixed: a later different request is refused with a warning, never applied."""
     from executorch.extension.pybindings import portable_lib
-    if n_threads:
-        portable_lib._unsafe_reset_threadpool(int(n_threads))
+    current = portable_lib._threadpool_get_thread_count()
+    if n_threads and int(n_threads) != current:
+        if _pool_in_use:
+            warnings.warn(f"ExecuTorch's threadpool already runs {current} threads in this process and cannot "
+                          f"be resized safely; ignoring n_threads={n_threads}", stacklevel=3)
+        else:
+            portable_lib._unsafe_reset_threadpool(int(n_threads))
     return portable_lib._threadpool_get_thread_count()
 
 
@@ -46,9 +59,12 @@ def _text(method) -> str:
 class ExecuTorchSession(Session):
     engine = "executorch"
 
-    def __init__(self, path, n_threads: int | None = None, **options):
+    def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None):
         path = Path(path)
         runtime = _runtime()
+        # before any method is loaded: XNNPACK binds the pool at method init, and resizing it under a
+        # loaded method crashes the process (glibc __pthread_tpp_change_priority assertion)
+        threads = set_threads(n_threads)
         try:
             self.program = runtime.load_program(path)
             names = self.program.method_names
@@ -61,13 +77,18 @@ class ExecuTorchSession(Session):
         try:
             meta = json.loads(_text(self.program.load_method("edge_metadata")))
             tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
+            global _pool_in_use
+            _pool_in_use = True
             self.forward = self.program.load_method("forward")
         except EdgeError:
             raise
         except Exception as e:
             raise EdgeError(f"cannot load {path}: {str(e).splitlines()[0]}; re-export it") from None
+        if kv_cache and kv_cache != meta["kv_cache"]:
+            raise EdgeError(f"{path.name} has a {meta['kv_cache']} KV cache, fixed at export; drop --kv-cache "
+                            f"or re-export with `edge export executorch --kv-cache {kv_cache}`")
         config = HybridConfig.from_dict(meta["config"])
-        super().__init__(config, tokenizer, meta["max_seq_len"], set_threads(n_threads),
+        super().__init__(config, tokenizer, meta["max_seq_len"], threads,
                          quant=meta["quant"], kv_cache=meta["kv_cache"], path=str(path))
         self.metadata = meta
         self.prefill_chunk = meta["prefill_chunk"]
