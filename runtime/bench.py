@@ -230,6 +230,7 @@ def bench_artifacts(paths: Sequence[str | Path], *, n_prompt: int = 512, n_gen: 
     bar = _progress_bar(progress, total=len(paths) * (1 + repetitions * ((n_prompt > 0) + (n_gen > 0))))
     try:
         for path in paths:
+            _import_engine(runtime, path)
             rss_before = current_rss_mb()
             start = time.perf_counter_ns()
             session = _load(runtime, path, n_threads, options)
@@ -255,6 +256,17 @@ def bench_artifacts(paths: Sequence[str | Path], *, n_prompt: int = 512, n_gen: 
         records += bench.records(load_ms=load_ms, model_rss_mb=model_rss)
         bench.session.close()
     return records
+
+
+def _import_engine(runtime, path: Path) -> None:
+    """Import the engine's Python module before the load timer starts: load_ms is opening the
+    artifact, not importing torch (an engine that initialises itself lazily still pays it in load_ms)."""
+    import importlib
+
+    if path.is_dir():
+        importlib.import_module("runtime.reference")
+    elif path.suffix in runtime.BACKENDS:
+        importlib.import_module(runtime.BACKENDS[path.suffix][0])
 
 
 def _load(runtime, path: Path, n_threads, options):
@@ -292,7 +304,7 @@ def _params(n: int) -> str:
 def format_table(records: Sequence[dict]) -> str:
     """A markdown table shaped like llama-bench's, plus our columns, then a line with the machine."""
     header = ["model", "size", "params", "engine", "quant", "kv", "threads", "test", "t/s", "median t/s",
-              "ttft ms", "load ms", "peak RSS", "KV bytes"]
+              "ttft ms", "load ms", "model RSS", "peak RSS", "KV bytes"]
     rows = []
     for r in records:
         rows.append([
@@ -301,9 +313,11 @@ def format_table(records: Sequence[dict]) -> str:
             f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}", f"{r['median_ts']:.2f}",
             "-" if r["ttft_ms"] is None else f"{r['ttft_ms']:.1f}",
             "-" if r["load_ms"] is None else f"{r['load_ms']:.0f}",
+            "-" if r.get("model_rss_mb") is None else f"{r['model_rss_mb']:.0f} MiB",
             f"{r['peak_rss_mb']:.0f} MiB", _kv(r["kv_cache_bytes"]),
         ])
-    right = {"size", "params", "threads", "t/s", "median t/s", "ttft ms", "load ms", "peak RSS", "KV bytes"}
+    right = {"size", "params", "threads", "t/s", "median t/s", "ttft ms", "load ms", "model RSS", "peak RSS",
+             "KV bytes"}
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells):
@@ -315,7 +329,8 @@ def format_table(records: Sequence[dict]) -> str:
     reps = {len(r["samples_ns"]) for r in records}
     machine = records[0]["cpu"] if records else cpu_label()
     notes = (f"machine: {machine}; t/s = mean ± std over {'/'.join(map(str, sorted(reps)))} repetitions; "
-             "ttft = median prefill latency of the pp test; peak RSS is the whole process's")
+             "ttft = median prefill latency of the pp test; model RSS = resident memory the artifact added "
+             "(load + warm-up); peak RSS = the whole process's")
     return "\n".join([line(header), rule, *(line(r) for r in rows), "", notes])
 
 
