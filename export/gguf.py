@@ -70,7 +70,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     config = HybridConfig.load(model_dir)
     if config.conv_bias:
         raise EdgeError(f"{model_dir} has conv_bias=True, which llama.cpp's lfm2 cannot represent (it has no "
-                        "short-conv bias tensors); export with --format executorch/onnx or retrain without biases")
+                        "short-conv bias tensors); use `edge export executorch` or `edge export onnx` for this model")
     if not config.attention_layers:
         raise EdgeError(f"{model_dir} has no attention layer; llama.cpp's lfm2 (llama-cpp-python 0.3.36) aborts "
                         "on such models (its empty KV cache has no buffer); keep at least one full_attention layer")
