@@ -38,3 +38,8 @@ edge bench "$out/tiny" "${artifacts[@]}" -p 128 -n 32 -r 3 -t "$threads" --json 
 
 echo
 echo "wrote the checkpoint to $out/tiny, the artifacts to ${artifacts[*]:-(none)}, the records to $out/bench.json"
+
+echo "== 5. architecture search: tiny LFM2-style backbones measured in llama.cpp under budgets (~${DEMO_SEARCH_TRIALS:-30} x 10 s)"
+edge search --target gguf --quant q4_0 --kv-cache q8_0 --space tiny --quality params \
+  --budget decode_ms@128=1 --budget prefill_ms@128=40 --trials "${DEMO_SEARCH_TRIALS:-30}" \
+  --tokenizer "$out/tiny" --out "$out/search" --export-best "$out/search/best" -t "$threads"
