@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SUFFIX = {"gguf": ".gguf", "executorch": ".pte", "onnx": ".onnx"}
@@ -83,7 +83,6 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict()))
     (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
-    artifact = workdir / f"model{SUFFIX[settings.target]}"
     started = time.perf_counter()
     try:
         _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")

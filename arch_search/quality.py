@@ -122,8 +122,6 @@ MQAR_LR = 3e-3
 
 def mqar_accuracy(config, steps: int, seed: int = 0, threads: int = 1) -> tuple[float, dict]:
     """Train the candidate's backbone (vocab swapped for MQAR's) on recall; accuracy on fresh sequences."""
-    import torch
-
     cfg = config.replace(vocab_size=MQAR_TASK["vocab_size"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
     train_x, train_y = multiquery_ar(num_examples=steps * MQAR_BATCH, seed=seed, **MQAR_TASK)
     test_x, test_y = multiquery_ar(num_examples=256, seed=seed + 1_000_003, **MQAR_TASK)

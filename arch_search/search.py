@@ -30,7 +30,7 @@ import random
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import EdgeError
