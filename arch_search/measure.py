@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SUFFIX = {"gguf": ".gguf", "executorch": ".pte", "onnx": ".onnx"}
+PARENT_ENV = "EDGE_SEARCH_PARENT_PID"
 CONTEXT_ROUND = 256  # artifacts are exported for the context the measurements need, rounded up to this
 
 
@@ -100,8 +101,9 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
 def _run_child(args: list[str], timeout_s: float, step: str) -> None:
     """Run `python -m arch_search.measure ARGS` in its own process group; kill the group on timeout."""
     cmd = [sys.executable, "-m", "arch_search.measure", *args]
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, env=env)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -129,10 +131,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when the search process dies (a killed search leaves no orphans)."""
+    """In the child, Linux: SIGKILL when the search process dies, so a killed search leaves no orphan
+    measuring on. Set here rather than in a preexec_fn, which is unsafe in the threaded parent; the
+    parent's pid in the environment closes the window where it died before this call."""
+    parent = os.environ.get(PARENT_ENV)
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != int(parent):
+        sys.exit("the search process that started this measurement is gone")
 
 
 # ---- child side ----------------------------------------------------------------------------------
@@ -224,6 +231,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench")
     b.add_argument("workdir", type=Path)
     args = p.parse_args(argv)
+    _die_with_parent()
     try:
         if args.step == "export":
             child_export(args.workdir, args.tokenizer)

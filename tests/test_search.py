@@ -252,6 +252,19 @@ def test_bad_quality_and_target_options_are_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error:"), err
 
 
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
 def test_killed_search_resumes_without_losing_or_remeasuring(tmp_path, tokenizer_file):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "edge.cli", "search", *SEARCH, "--trials", "4", "--out", str(out),
@@ -265,6 +278,11 @@ def test_killed_search_resumes_without_losing_or_remeasuring(tmp_path, tokenizer
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # the measurement child it had started dies with it (no orphan measuring on)
+    deadline = time.time() + 10
+    while processes_mentioning(str(out / "work")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_mentioning(str(out / "work"))
     storage = f"sqlite:///{out / 'study.db'}"
     before = {t.number: (t.values, t.user_attrs["hash"]) for t in finished_trials(storage, "edge-search")}
     assert 1 <= len(before) < 4
