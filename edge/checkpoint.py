@@ -20,17 +20,21 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def weight_shards(model_dir: Path) -> list[str]:
+    """The safetensors file names of a checkpoint (one, or the shards its index lists)."""
+    if (model_dir / INDEX).exists():
+        return sorted(set(json.loads((model_dir / INDEX).read_text())["weight_map"].values()))
+    if (model_dir / WEIGHTS).exists():
+        return [WEIGHTS]
+    pickled = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+    hint = (f"found only pickled weights ({', '.join(pickled)}), which are not loaded for safety; "
+            "re-save them as safetensors" if pickled else "expected model.safetensors")
+    raise EdgeError(f"no safetensors weights in {model_dir}: {hint}")
+
+
 def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
-    if (model_dir / INDEX).exists():
-        shards = sorted(set(json.loads((model_dir / INDEX).read_text())["weight_map"].values()))
-    elif (model_dir / WEIGHTS).exists():
-        shards = [WEIGHTS]
-    else:
-        pickled = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = (f"found only pickled weights ({', '.join(pickled)}), which are not loaded for safety; "
-                "re-save them as safetensors" if pickled else "expected model.safetensors")
-        raise EdgeError(f"no safetensors weights in {model_dir}: {hint}")
+    shards = weight_shards(model_dir)
     state = {}
     for shard in shards:
         try:

@@ -29,7 +29,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TokenType
 
-from edge.checkpoint import INDEX, WEIGHTS
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
@@ -167,14 +166,10 @@ class _Checkpoint:
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
 
-        if (model_dir / INDEX).exists():
-            shards = sorted(set(json.loads((model_dir / INDEX).read_text())["weight_map"].values()))
-        elif (model_dir / WEIGHTS).exists():
-            shards = [WEIGHTS]
-        else:
-            raise EdgeError(f"no safetensors weights in {model_dir}; expected {WEIGHTS}")
+        from edge.checkpoint import weight_shards  # imports torch: only when exporting
+
         self.files, self.where = [], {}
-        for shard in shards:
+        for shard in weight_shards(model_dir):
             try:
                 f = safe_open(model_dir / shard, framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files

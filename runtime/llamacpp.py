@@ -23,16 +23,15 @@ import gguf
 import llama_cpp
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, TokenType
+from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES
 
 from .session import Session
 
-KV_TYPES = {"f16": QType.F16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0}
-KV_CACHE_KEY = "hybrid_edge.kv_cache"  # written by export.gguf
-ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LFM2]
+KV_TYPES = {name: QType[name.upper()] for name in KV_CACHES}  # f16 -> F16, q8_0 -> Q8_0, q4_0 -> Q4_0
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunks
 
@@ -138,8 +137,6 @@ def read_gguf(path: Path) -> dict:
 
 
 def _quant_name(file_type) -> str:
-    from export.gguf import DIRECT_QUANTS, K_QUANTS
-
     names = {int(ft): name for name, (_, ft) in DIRECT_QUANTS.items()} | {int(ft): n for n, ft in K_QUANTS.items()}
     if file_type is None:
         return "unknown"

@@ -26,7 +26,7 @@ from edge.config import HybridConfig
 from edge.errors import EdgeError
 from export import export_model
 from runtime import load
-from runtime.llamacpp import LlamaCppSession, tokenizer_from_vocab
+from runtime.llamacpp import tokenizer_from_vocab
 
 # Checkpoints beyond conftest's VARIANTS: rows of 256 so llama.cpp's K-quants really use K blocks
 # (tiny's rows of 128 make llama.cpp fall back to q5_0/q8_0), and head_dim 16 for the KV block check.
