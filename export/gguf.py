@@ -73,7 +73,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     if not config.attention_layers:
         raise EdgeError(f"{model_dir} has no attention layer; llama.cpp's lfm2 (llama-cpp-python 0.3.36) aborts "
                         "on such models (its empty KV cache has no buffer); keep at least one full_attention layer")
-    tokenizer = json.loads(tokenizer_json(model_dir))
+    tokenizer = tokenizer_json(model_dir)
     with atomic_path(out) as tmp:
         if quant in K_QUANTS:
             f32_file = tmp.with_name(tmp.name + ".f32.partial")
@@ -103,7 +103,9 @@ def add_model_metadata(w: gguf.GGUFWriter, config: HybridConfig, name: str, max_
     w.add_shortconv_l_cache(config.conv_L_cache)
 
 
-def add_tokenizer_metadata(w: gguf.GGUFWriter, tokenizer: dict, config: HybridConfig, text: str) -> None:
+def add_tokenizer_metadata(w: gguf.GGUFWriter, text: str, config: HybridConfig) -> None:
+    """`text` is the checkpoint's tokenizer.json."""
+    tokenizer = json.loads(text)
     model = tokenizer.get("model", {})
     if model.get("type") != "BPE" or not _is_byte_level(tokenizer):
         raise EdgeError(f"the tokenizer is {model.get('type', 'unknown')} without byte-level pre-tokenization; "
@@ -168,13 +170,12 @@ class _Checkpoint:
 
         from edge.checkpoint import weight_shards  # imports torch: only when exporting
 
-        self.files, self.where = [], {}
+        self.where = {}  # tensor name -> the open shard holding it
         for shard in weight_shards(model_dir):
             try:
                 f = safe_open(model_dir / shard, framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
                 raise EdgeError(f"cannot read {model_dir / shard}: {e}; the file is corrupt or truncated") from None
-            self.files.append(f)
             self.where.update({name: f for name in f.keys()})
 
     def names(self) -> list[str]:
@@ -218,15 +219,16 @@ def _nbytes(shape: tuple, ttype: QType) -> int:
     return int(np.prod(gguf.quant_shape_to_byte_shape(shape, ttype)))
 
 
-def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: dict, path: Path, quant: str, kv_cache: str,
+def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: str, path: Path, quant: str, kv_cache: str,
                max_seq_len: int) -> None:
+    """Write the GGUF of a checkpoint; `tokenizer` is its tokenizer.json text."""
     qtype, file_type = DIRECT_QUANTS[quant]
     ckpt = _Checkpoint(model_dir)
     plan = plan_tensors(ckpt, config, qtype)
     w = gguf.GGUFWriter(path, ARCH)
     try:
         add_model_metadata(w, config, Path(model_dir).resolve().name, max_seq_len)
-        add_tokenizer_metadata(w, tokenizer, config, json.dumps(tokenizer, ensure_ascii=False))
+        add_tokenizer_metadata(w, tokenizer, config)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string(KV_CACHE_KEY, kv_cache)

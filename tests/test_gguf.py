@@ -5,7 +5,6 @@ Every artifact is exported once per session (`gguf_file`) and every reference co
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -334,8 +333,7 @@ def test_all_conv_model_is_refused(model_dir, tokenizer, tmp_path):
     d = model_dir("all_conv")
     one_line_error(lambda: export_model("gguf", d, tmp_path / "c.gguf"), "no attention layer")
     path = tmp_path / "forced.gguf"  # as another tool might write it
-    export_gguf.write_gguf(d, HybridConfig.load(d), json.loads((d / "tokenizer.json").read_text()), path, "f32",
-                           "f16", 64)
+    export_gguf.write_gguf(d, HybridConfig.load(d), (d / "tokenizer.json").read_text(), path, "f32", "f16", 64)
     one_line_error(lambda: load(path), "no attention layer")
 
 
