@@ -198,7 +198,9 @@ def trace(model, kv_cache: str):
                                     dynamic_shapes=dynamic, optimize=True, verbose=False)
     except Exception as e:
         raise EdgeError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
-    graph = program.model_proto
+    graph = fuse_for_ort(program.model_proto)
+    if kv_cache == "fp32":
+        graph = fuse_group_query_attention(graph, config)
     outputs = [o.name for o in graph.graph.output]
     missing = [present_name(n) for n in names if present_name(n) not in outputs]
     if missing or "logits" not in outputs:
@@ -206,10 +208,115 @@ def trace(model, kv_cache: str):
     return graph
 
 
+def fuse_for_ort(graph):
+    """onnxscript's transformer fusions for ONNX Runtime: RMSNorm (+ residual add) ->
+    (Skip)SimplifiedLayerNormalization, the decomposed SDPA -> com.microsoft MultiHeadAttention: fewer,
+    fused kernels per step (see README). Its MatMul+Transpose -> FusedMatMul rules are left out on
+    purpose: they would hide weights from the quantizers (ORT applies them itself at load time)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions._core import fuse_xformers
+
+    model, _ = fuse_xformers(ir.serde.deserialize_model(graph))
+    return plain_rms_norms(ir.serde.serialize_model(model))
+
+
+def plain_rms_norms(graph):
+    """SimplifiedLayerNormalization is an ORT op in the ONNX domain that onnx.checker rejects; write the
+    ones the fusion left standalone back as x / sqrt(mean(x^2) + eps) * w, the form ORT's own load-time
+    optimizer fuses into the same kernel, so the file stays standard and the run stays fused."""
+    from onnx import TensorProto, helper
+
+    rebuilt, constants = [], {}
+    for n in graph.graph.node:
+        if n.op_type != "SimplifiedLayerNormalization" or n.domain not in ("", "ai.onnx"):
+            rebuilt.append(n)
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        for name, dtype, value in (("rms.two", TensorProto.FLOAT, 2.0), (f"rms.eps{eps:g}", TensorProto.FLOAT, eps),
+                                   ("rms.axes", TensorProto.INT64, -1)):
+            constants[name] = helper.make_tensor(name, dtype, [1] if name == "rms.axes" else [], [value])
+        x, weight, p = n.input[0], n.input[1], f"{n.name}."
+        rebuilt += [helper.make_node("Pow", [x, "rms.two"], [p + "sq"]),
+                    helper.make_node("ReduceMean", [p + "sq", "rms.axes"], [p + "mean"], keepdims=1),
+                    helper.make_node("Add", [p + "mean", f"rms.eps{eps:g}"], [p + "var"]),
+                    helper.make_node("Sqrt", [p + "var"], [p + "std"]),
+                    helper.make_node("Div", [x, p + "std"], [p + "normed"]),
+                    helper.make_node("Mul", [p + "normed", weight], [n.output[0]])]
+    graph.graph.initializer.extend(constants.values())
+    del graph.graph.node[:]
+    graph.graph.node.extend(rebuilt)
+    return graph
+
+
+def fuse_group_query_attention(graph, config: HybridConfig):
+    """Replace each attention layer's Concat(past, new) + expanded-KV MultiHeadAttention by one
+    com.microsoft GroupQueryAttention (fp32 KV only: ORT's CPU kernel wants T_CACHE == T for float).
+    GQA appends to the grouped cache and attends causally without expanding K/V to n_heads, which is
+    what makes it faster (README). Returns the graph unchanged if the expected pattern is absent."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = list(graph.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    mha = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    layers = config.attention_layers
+    if not layers or len(mha) != len(layers):
+        return graph
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    first_past = f"past_key_values.{layers[0]}.key"
+    const = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
+    graph.graph.initializer.extend([const("gqa.one", [1]), const("gqa.scalar", []),  # shape [] -> a scalar
+                                    const("gqa.kv_shape", [0, 0, KV * D])])
+    prelude = [  # seqlens_k = total - 1 ([batch] int32) and total_sequence_length (int32 scalar), shared
+        helper.make_node("Shape", [first_past], ["gqa.past_len"], start=2, end=3),
+        helper.make_node("Shape", ["input_ids"], ["gqa.seq_len"], start=1, end=2),
+        helper.make_node("Add", ["gqa.past_len", "gqa.seq_len"], ["gqa.total"]),
+        helper.make_node("Sub", ["gqa.total", "gqa.one"], ["gqa.seqlens_i64"]),
+        helper.make_node("Cast", ["gqa.seqlens_i64"], ["gqa.seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Reshape", ["gqa.total", "gqa.scalar"], ["gqa.total_scalar"]),
+        helper.make_node("Cast", ["gqa.total_scalar"], ["gqa.total_len"], to=TensorProto.INT32),
+    ]
+    replace, drop = {}, set()
+    for layer, attn in zip(layers, mha):
+        cat_k, cat_v = producer[f"present.{layer}.key"], producer[f"present.{layer}.value"]
+        if cat_k.op_type != "Concat" or cat_v.op_type != "Concat":
+            return graph
+        new = []
+        for kind, cat in (("key", cat_k), ("value", cat_v)):
+            new += [helper.make_node("Transpose", [cat.input[1]], [f"gqa.{layer}.{kind}_bsnh"], perm=[0, 2, 1, 3]),
+                    helper.make_node("Reshape", [f"gqa.{layer}.{kind}_bsnh", "gqa.kv_shape"],
+                                     [f"gqa.{layer}.{kind}"])]
+        scale = [a.f for a in attn.attribute if a.name == "scale"]
+        new.append(helper.make_node(
+            "GroupQueryAttention",
+            [attn.input[0], f"gqa.{layer}.key", f"gqa.{layer}.value", f"past_key_values.{layer}.key",
+             f"past_key_values.{layer}.value", "gqa.seqlens_k", "gqa.total_len"],
+            [attn.output[0], f"present.{layer}.key", f"present.{layer}.value"],
+            name=f"gqa_{layer}", domain="com.microsoft", num_heads=H, kv_num_heads=KV,
+            scale=scale[0] if scale else D ** -0.5))
+        replace[id(attn)] = new
+        drop |= {id(cat_k), id(cat_v)}
+    rebuilt = prelude + [m for n in nodes if id(n) not in drop for m in replace.get(id(n), [n])]
+    del graph.graph.node[:]
+    graph.graph.node.extend(remove_dead_nodes(rebuilt, [o.name for o in graph.graph.output]))
+    onnx.checker.check_model(graph)
+    return graph
+
+
+def remove_dead_nodes(nodes, outputs):
+    live, kept = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in live for o in n.output):
+            kept.append(n)
+            live.update(n.input)
+    return kept[::-1]
+
+
 def weight_matmuls(graph) -> list[str]:
-    """Names of float MatMul nodes whose B is a constant initializer: the weights a quantizer should take."""
+    """Names of float (Fused)MatMul/Gemm nodes with a constant initializer operand: weights left unquantized."""
     constants = {i.name for i in graph.graph.initializer}
-    return [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    return [n.name for n in graph.graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+            and any(i in constants for i in n.input[:2])]
 
 
 def quantize_weights(graph, quant: str, group_size: int):

@@ -85,6 +85,15 @@ def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
         assert "Gather" in {n.op_type for n in graph.graph.node}
 
 
+def test_attention_is_fused_for_ort(artifact):
+    """fp32 KV: one com.microsoft GroupQueryAttention per attention layer over the grouped cache, no
+    K/V expansion to n_heads; other KV formats keep the exporter's attention (MultiHeadAttention)."""
+    ops = [n.op_type for n in onnx.load(str(artifact("tiny", "fp32", "fp32"))).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Expand" not in ops
+    ops = [n.op_type for n in onnx.load(str(artifact("tiny", "fp32", "int8"))).graph.node]
+    assert "GroupQueryAttention" not in ops and ops.count("MultiHeadAttention") == 2
+
+
 def test_kv_cache_bytes_are_real(artifact):
     n_kv, head_dim, layers = 2, 32, 2  # tiny: 2 kv heads, attention at 2 and 5
     per_position = {"fp32": n_kv * head_dim * 4, "fp16": n_kv * head_dim * 2, "int8": n_kv * (head_dim + 4)}
