@@ -7,6 +7,7 @@ set -euo pipefail
 
 out=${1:-demo}
 threads=${DEMO_THREADS:-1}  # 1 is the stable setting on a shared 2-core machine
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # the exporters' toolchains are chatty about deprecations
 mkdir -p "$out"
 
 echo "== 1. a fresh tiny LFM2-style model (random weights, BPE tokenizer trained on local text)"

@@ -113,8 +113,8 @@ class _SessionBench:
         self._fill(self.depth)
         if self.n_prompt:
             self.session.prefill(self._ids(self.n_prompt))
-            self._fill(self.depth)
-        self.session.prefill(self._ids(1))
+        if self.session.n_past + 1 > self.session.max_seq_len:
+            self._fill(self.depth)  # no room left for the decode: refill rather than grow the check above
         self.session.decode(self._ids(1)[0])
         self.session.reset()
 
@@ -225,42 +225,59 @@ def bench_artifacts(paths: Sequence[str | Path], *, n_prompt: int = 512, n_gen: 
     missing = next((p for p in paths if not p.exists()), None)
     if missing is not None:
         raise EdgeError(f"{missing} does not exist; give an exported artifact or a checkpoint directory")
+    for path in paths:
+        runtime.engine_for(path)  # an unknown suffix fails here, before anything is loaded
+
+    def opener(path):
+        _import_engine(runtime, path)  # before the load timer: load_ms is opening the artifact, not importing torch
+        return lambda: _load(runtime, path, n_threads, options)
+
+    return bench_interleaved([(path.name, opener(path)) for path in paths], n_prompt=n_prompt, n_gen=n_gen,
+                             depth=depth, repetitions=repetitions, seed=seed, progress=progress)
+
+
+def bench_interleaved(openers: Sequence[tuple[str, Callable[[], object]]], *, n_prompt: int = 512,
+                      n_gen: int = 128, depth: int = 0, repetitions: int = 5, seed: int = 0,
+                      progress: bool = True) -> list[dict]:
+    """The interleaved runner behind bench_artifacts, over (label, open-a-Session) pairs, so benchmark
+    scripts can put peer engines wrapped as Sessions into the same A B A B rotation.
+    Sessions are opened one after the other (load_ms times the opener), benchmarked, then closed."""
     t0 = time.perf_counter_ns()
     benches, loads, rss = [], [], []
-    bar = _progress_bar(progress, total=len(paths) * (1 + repetitions * ((n_prompt > 0) + (n_gen > 0))))
+    bar = _progress_bar(progress, total=len(openers) * (1 + repetitions * ((n_prompt > 0) + (n_gen > 0))))
     try:
-        for path in paths:
-            _import_engine(runtime, path)
+        for label, open_session in openers:
             rss_before = current_rss_mb()
             start = time.perf_counter_ns()
-            session = _load(runtime, path, n_threads, options)
+            session = open_session()
             loads.append((time.perf_counter_ns() - start) / 1e6)
             bench = _SessionBench(session, n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                                   seed=seed, t0_ns=t0)
-            bar.set_description(f"warm-up {path.name}")
+            benches.append(bench)
+            bar.set_description(f"warm-up {label}")
             bench.warmup()
             rss.append(current_rss_mb() - rss_before)  # weights + buffers this session brought in
-            benches.append(bench)
             bar.update()
         for rep in range(repetitions):
             for test in benches[0].tests():
-                for path, bench in zip(paths, benches):
-                    bar.set_description(f"{test} {rep + 1}/{repetitions} {path.name}")
+                for (label, _), bench in zip(openers, benches):
+                    bar.set_description(f"{test} {rep + 1}/{repetitions} {label}")
                     bench.run(test)
                     bar.update()
     finally:
         bar.close()
+        for bench in benches:
+            bench.session.reset()
     records = []
     for bench, load_ms, model_rss in zip(benches, loads, rss):
-        bench.session.reset()
         records += bench.records(load_ms=load_ms, model_rss_mb=model_rss)
         bench.session.close()
     return records
 
 
 def _import_engine(runtime, path: Path) -> None:
-    """Import the engine's Python module before the load timer starts: load_ms is opening the
-    artifact, not importing torch (an engine that initialises itself lazily still pays it in load_ms)."""
+    """Import the engine's Python module (an engine that initialises itself lazily, on first load,
+    still pays that in load_ms)."""
     import importlib
 
     if path.is_dir():
