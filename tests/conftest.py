@@ -27,8 +27,19 @@ def tokenizer():
     return train_tokenizer(default_corpus(), TINY.vocab_size)
 
 
-def build_checkpoint(path, tokenizer, seed=0, **changes):
+# Steps of language-model training for the "trained:<variant>" checkpoints. Random weights make a
+# chaotic network whose logits carry no signal, so 4-bit rounding noise compounds through it (q4_0
+# gives mean cos ~0.975 on random tiny models, and llama.cpp's own quantizer gives the same); the
+# DESIGN §5 bounds describe real, trained models, which a few dozen steps on text already resemble.
+TRAIN_STEPS = 30
+
+
+def build_checkpoint(path, tokenizer, seed=0, train_steps=0, **changes):
     model = HybridLM(TINY.replace(**changes)).init_weights(seed)
+    if train_steps:
+        from edge.train import train_on_text
+
+        train_on_text(model, tokenizer, default_corpus(), train_steps, seed=seed, threads=1)
     save_model(model, path)
     save_tokenizer(tokenizer, path)
     return path
@@ -36,12 +47,16 @@ def build_checkpoint(path, tokenizer, seed=0, **changes):
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, tokenizer):
-    """name -> checkpoint dir, for every variant; built lazily and cached for the session."""
+    """name -> checkpoint dir, for every variant (random weights) and every "trained:<variant>" (the
+    variant after TRAIN_STEPS of training, for the 4-bit bounds); built lazily, cached for the session."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = build_checkpoint(tmp_path_factory.mktemp(name), tokenizer, **VARIANTS[name])
+            variant = name.removeprefix("trained:")
+            steps = TRAIN_STEPS if name != variant else 0
+            path = tmp_path_factory.mktemp(name.replace(":", "_"))
+            cache[name] = build_checkpoint(path, tokenizer, train_steps=steps, **VARIANTS[variant])
         return cache[name]
 
     return get
