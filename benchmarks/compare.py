@@ -62,11 +62,18 @@ EXPORTS = {
 }
 
 
+ARTIFACTS: dict[str, Path] = {}  # name -> path: WORK / name unless --use NAME=PATH points elsewhere
+
+
+def artifact(name: str) -> Path:
+    return ARTIFACTS.get(name, WORK / name)
+
+
 def export_all(model_dir: Path, max_seq_len: int) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, (fmt, quant, kv, flags) in EXPORTS.items():
-        out = WORK / name
+        out = artifact(name)
         if out.exists():
             continue
         print(f"exporting {name} ...", flush=True)
@@ -140,7 +147,7 @@ class TransformersSession(Session):
 
 
 def peer_openers(model_dir: Path, threads: int, max_seq_len: int, with_peers: bool) -> list:
-    openers = [("llama.cpp C API q4_0", lambda: RawLlamaSession(WORK / "q4_0.gguf", threads, max_seq_len))]
+    openers = [("llama.cpp C API q4_0", lambda: RawLlamaSession(artifact("q4_0.gguf"), threads, max_seq_len))]
     if not with_peers:
         return openers
     if ET_PEER.exists():
@@ -260,7 +267,16 @@ def main():
     p.add_argument("--no-peers", action="store_true", help="only ours and llama.cpp's C API")
     p.add_argument("--export-only", action="store_true", help="build the checkpoint and artifacts, measure nothing")
     p.add_argument("--tiny", action="store_true", help="smoke-test this script on the tiny preset (minutes)")
+    p.add_argument("--use", action="append", default=[], metavar="NAME=PATH",
+                   help=f"take artifact NAME ({', '.join(EXPORTS)}) from PATH instead of exporting it")
+    p.add_argument("--skip-export", action="store_true", help="measure only the artifacts that exist")
+    p.add_argument("--depth-only", action="store_true", help="only the depth test, written to compare_depth.json")
     args = p.parse_args()
+    for item in args.use:
+        name, _, path = item.partition("=")
+        if name not in EXPORTS or not Path(path).exists():
+            p.error(f"--use {item}: NAME must be one of {', '.join(EXPORTS)} and PATH must exist")
+        ARTIFACTS[name] = Path(path)
 
     global WORK, RESULTS
     if args.tiny:  # a separate work dir and result name, peers built for the 350M model left out
@@ -272,18 +288,26 @@ def main():
         model_dir = checkpoint()
     # one export serves every run: room for the default depth test unless a deeper one is asked for
     max_seq_len = max(args.depth + max(args.n_prompt, args.n_gen) + 64, 4608)
-    exports = export_all(model_dir, max_seq_len)
+    exports = {} if args.skip_export else export_all(model_dir, max_seq_len)
     if args.export_only:
         return
     result = {"command": " ".join(sys.argv), "machine": cpu_info(), "exports": exports}
+
+    if args.depth_only:
+        result["depth"] = depth_test(args, max_seq_len)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_json(RESULTS / "compare_depth.json", result)
+        print(f"wrote {RESULTS / 'compare_depth.json'}")
+        return
 
     print("measuring memory read bandwidth ...", flush=True)
     bw = read_bandwidth()
     result["bandwidth"] = bw
     bandwidth = max(bw.values())
 
-    ours = [(name, (lambda n=name: load(WORK / n, n_threads=args.threads)))
-            for name in ("q4_0.gguf", "q8_0.gguf", "8da4w.pte", "int4.onnx")]
+    ours = [(name, (lambda n=name: load(artifact(n), n_threads=args.threads)))
+            for name in ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx") if artifact(name).exists()]
+    result["artifacts"] = {name: str(artifact(name)) for name in EXPORTS if artifact(name).exists()}
     peers = peer_openers(model_dir, args.threads, max_seq_len, not (args.no_peers or args.tiny))
     if args.tiny:
         peers.append(("transformers eager fp32", lambda: TransformersSession(model_dir, args.threads, max_seq_len)))
@@ -339,9 +363,24 @@ def depth_test(args, max_seq_len: int) -> dict:
         "onnxruntime": [("int4.onnx", {}), ("int4-int8kv.onnx", {})],
     }
     openers = []
-    for engine, variants in pairs.items():
+    need = args.depth + args.depth_gen + 1
+    for engine, variants in list(pairs.items()):
+        usable = []
         for name, options in variants:
-            openers.append((f"{name} {options}", lambda n=name, o=options: load(WORK / n, n_threads=args.threads,
+            path = artifact(name)
+            if path.exists():
+                session = load(path, n_threads=args.threads, **options)
+                if session.max_seq_len >= need:
+                    usable.append((name, options))
+                session.close()
+        if len(usable) < 2:
+            print(f"note: depth test of {engine} skipped: it needs two of {[n for n, _ in variants]} "
+                  f"exported with max_seq_len >= {need}")
+            del pairs[engine]
+            continue
+        pairs[engine] = usable
+        for name, options in usable:
+            openers.append((f"{name} {options}", lambda n=name, o=options: load(artifact(n), n_threads=args.threads,
                                                                                **o)))
     print(f"depth test: tg{args.depth_gen} @ d{args.depth}, {args.depth_reps} repetitions", flush=True)
     records = bench_interleaved(openers, n_prompt=0, n_gen=args.depth_gen, depth=args.depth,
