@@ -130,9 +130,12 @@ def main():
           f"{result['timing']['median_quality_s']} s)")
     for c in comparison:
         b = c["best_front_at_equal_latency"]
-        print(f"LFM2 layout {c['lfm2_layout']}: {c['decode_ms']:.3f} ms, {settings.proxy.label} {c['quality']:.4g}"
-              + (f" -> front at <= that latency: {b['candidate']} {b['decode_ms']:.3f} ms, {b['quality']:.4g} "
-                 f"(x{b['quality_ratio']:.2f})" if b else " -> no feasible front candidate at that latency"))
+        quality = (f"{c['quality']:.4g}" if c["feasible"] or not settings.proxy.trains
+                   else "not trained (over budget)")
+        ratio = f" (x{b['quality_ratio']:.2f})" if b and b["quality_ratio"] and (c["feasible"] or not settings.proxy.trains) else ""
+        print(f"LFM2 layout {c['lfm2_layout']}: {c['decode_ms']:.3f} ms, {settings.proxy.label} {quality}"
+              + (f" -> front at <= that latency: {b['candidate']} {b['decode_ms']:.3f} ms, {b['quality']:.4g}{ratio}"
+                 if b else " -> no feasible front candidate at that latency"))
     print(f"wrote {results}")
 
 
