@@ -38,6 +38,7 @@ from edge.errors import EdgeError
 from edge.files import atomic_path
 from edge.model import causal_mask, grouped_attention
 from edge.tokenizer import tokenizer_json
+from runtime.onnxruntime import META_PREFIX, present_name
 
 QUANTS = ("fp32", "int8", "int4")
 KV_CACHES = ("fp32", "fp16", "int8")
@@ -46,7 +47,6 @@ DEFAULT_KV_CACHE = "fp32"
 DEFAULT_GROUP_SIZE = 32
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
-META_PREFIX = "edge."
 
 
 def state_names(config: HybridConfig, kv_cache: str) -> list[str]:
@@ -59,10 +59,6 @@ def state_names(config: HybridConfig, kv_cache: str) -> list[str]:
         else:
             names.append(f"past_conv.{i}")
     return names
-
-
-def present_name(past: str) -> str:
-    return past.replace("past_key_values.", "present.").replace("past_conv.", "present_conv.")
 
 
 def empty_state(config: HybridConfig, kv_cache: str, past_len: int = 0) -> dict[str, torch.Tensor]:
@@ -138,9 +134,9 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     """Write `out` (.onnx, one file) from the checkpoint in model_dir; see the module docstring."""
     import onnx
 
-    config_unused = [k for k, v in ignored.items() if v is not None]
-    if config_unused:
-        warnings.warn(f"onnx export ignores options {', '.join(config_unused)}")
+    unused = [k for k, v in ignored.items() if v is not None]
+    if unused:
+        warnings.warn(f"onnx export ignores options {', '.join(unused)}")
     group_size = group_size or DEFAULT_GROUP_SIZE
     if quant == "int4" and (group_size < 16 or group_size & (group_size - 1)):
         raise EdgeError(f"--group-size {group_size} is invalid for onnx int4; use a power of two >= 16 (e.g. 32)")

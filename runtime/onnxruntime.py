@@ -139,4 +139,5 @@ class OnnxSession(Session):
 
 
 def present_name(past: str) -> str:
+    """The output name that carries a past_* input's next value (export/onnx.py writes these pairs)."""
     return past.replace("past_key_values.", "present.").replace("past_conv.", "present_conv.")
