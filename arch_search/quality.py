@@ -14,7 +14,6 @@ reported separately from the measurement (`quality_s`).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +124,12 @@ def mqar_accuracy(config, steps: int, seed: int = 0, threads: int = 1) -> tuple[
     cfg = config.replace(vocab_size=MQAR_TASK["vocab_size"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
     train_x, train_y = multiquery_ar(num_examples=steps * MQAR_BATCH, seed=seed, **MQAR_TASK)
     test_x, test_y = multiquery_ar(num_examples=256, seed=seed + 1_000_003, **MQAR_TASK)
-    loss = _train(cfg, train_x, train_y, steps, MQAR_BATCH, MQAR_LR, seed, threads)
-    logits = _logits_of(cfg, loss["model"], test_x)
+    model, final_loss = _train(cfg, train_x, train_y, steps, MQAR_BATCH, MQAR_LR, seed, threads)
+    logits = _logits_of(cfg, model, test_x)
     mask = test_y != -100
     accuracy = float((logits.argmax(-1).numpy()[mask] == test_y[mask]).mean())
     return accuracy, {"mqar": {**MQAR_TASK, "steps": steps, "batch": MQAR_BATCH, "lr": MQAR_LR,
-                               "final_train_loss": round(loss["final"], 4)}}
+                               "final_train_loss": round(final_loss, 4)}}
 
 
 # ---- language modelling ---------------------------------------------------------------------------
@@ -150,50 +149,27 @@ def lm_loss(config, corpus: str, tokenizer_path, steps: int, seed: int = 0, thre
     if len(ids) - split < LM_SEQ_LEN + 1 or split < LM_SEQ_LEN + 1:
         raise EdgeError(f"--quality lm:{corpus}: the corpus has only {len(ids)} tokens; give at least "
                         f"{20 * (LM_SEQ_LEN + 1)} (a few dozen KB of text)")
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, split - LM_SEQ_LEN - 1, steps * LM_BATCH)
-    train = np.stack([ids[s:s + LM_SEQ_LEN + 1] for s in starts])
+    from edge.train import lm_batches
+
+    train_x, train_y = lm_batches(ids[:split], steps, LM_BATCH, LM_SEQ_LEN, seed)
     n_val = min(64, (len(ids) - split) // (LM_SEQ_LEN + 1))
     val = np.stack([ids[split + i * (LM_SEQ_LEN + 1): split + (i + 1) * (LM_SEQ_LEN + 1)] for i in range(n_val)])
-    result = _train(config, train[:, :-1], train[:, 1:], steps, LM_BATCH, LM_LR, seed, threads)
+    model, final_loss = _train(config, train_x, train_y, steps, LM_BATCH, LM_LR, seed, threads)
     import torch
-    logits = _logits_of(config, result["model"], val[:, :-1])
+    logits = _logits_of(config, model, val[:, :-1])
     val_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                       torch.from_numpy(val[:, 1:]).reshape(-1)))
     return val_loss, {"lm": {"corpus": corpus, "tokens": int(len(ids)), "steps": steps, "batch": LM_BATCH,
-                             "seq_len": LM_SEQ_LEN, "lr": LM_LR, "final_train_loss": round(result["final"], 4)}}
+                             "seq_len": LM_SEQ_LEN, "lr": LM_LR, "final_train_loss": round(final_loss, 4)}}
 
 
-# ---- shared training loop -------------------------------------------------------------------------
-def _train(cfg, inputs: np.ndarray, labels: np.ndarray, steps: int, batch: int, lr: float, seed: int,
-           threads: int) -> dict:
-    """AdamW (weight decay 0.1, as Zoology), linear warm-up then cosine decay; returns the model."""
-    import torch
+def _train(cfg, inputs, labels, steps, batch, lr, seed, threads):
+    """A fresh candidate (seeded init) trained by edge.train's shared loop; returns (model, last loss)."""
+    from edge.model import HybridLM
+    from edge.train import train
 
-    from edge.model import DynamicCache, HybridLM
-
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    model = HybridLM(cfg).init_weights(seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(labels)
-    final = float("nan")
-    for step in range(steps):
-        x, y = x_all[step * batch:(step + 1) * batch], y_all[step * batch:(step + 1) * batch]
-        logits = model(x, 0, DynamicCache(cfg, batch_size=x.shape[0]))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                 ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        final = float(loss.detach())
-    return {"model": model.eval(), "final": final}
+    model = HybridLM(cfg).init_weights(seed)
+    return model, train(model, inputs, labels, steps, batch, lr, seed, threads)
 
 
 def _logits_of(cfg, model, inputs: np.ndarray):
