@@ -70,9 +70,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     if config.conv_bias:
         raise EdgeError(f"{model_dir} has conv_bias=True, which llama.cpp's lfm2 cannot represent (it has no "
                         "short-conv bias tensors); use `edge export executorch` or `edge export onnx` for this model")
-    if not config.attention_layers:
-        raise EdgeError(f"{model_dir} has no attention layer; llama.cpp's lfm2 (llama-cpp-python 0.3.36) aborts "
-                        "on such models (its empty KV cache has no buffer); keep at least one full_attention layer")
+    check_llamacpp_can_run(config, model_dir)
     tokenizer = tokenizer_json(model_dir)
     with atomic_path(out) as tmp:
         if quant in K_QUANTS:
@@ -85,6 +83,16 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         else:
             write_gguf(model_dir, config, tokenizer, tmp, quant, kv_cache, max_seq_len)
     return out
+
+
+def check_llamacpp_can_run(config: HybridConfig, where) -> None:
+    """llama.cpp's lfm2 (llama-cpp-python 0.3.36) keeps a KV cache for the attention layers and recurrent
+    cells for the conv layers, and aborts the whole process (GGML_ASSERT(buffer)) when either is empty."""
+    for kind, layers in (("attention", config.attention_layers), ("conv", config.conv_layers)):
+        if not layers:
+            raise EdgeError(f"{where} has no {kind} layer, which llama.cpp's lfm2 cannot run (it aborts on an "
+                            f"empty {'KV cache' if kind == 'attention' else 'recurrent state'}); keep at least one "
+                            f"{'full_attention' if kind == 'attention' else 'conv'} layer or use executorch/onnx")
 
 
 # ---- metadata ------------------------------------------------------------------------------------

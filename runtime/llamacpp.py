@@ -27,7 +27,7 @@ from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError
-from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES
+from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES, check_llamacpp_can_run
 
 from .session import Session
 
@@ -172,9 +172,7 @@ class LlamaCppSession(Session):
         path = Path(path)
         info = read_gguf(path)
         config = info["config"]
-        if not config.attention_layers:  # llama.cpp would abort the process at the first llama_decode
-            raise EdgeError(f"{path} has no attention layer, which llama.cpp's lfm2 cannot run (it aborts on "
-                            "an empty KV cache); re-export a model with at least one full_attention layer")
+        check_llamacpp_can_run(config, path)  # before llama.cpp could abort the process
         kv_cache = kv_cache or info["kv_cache"]
         if kv_cache not in KV_TYPES:
             raise EdgeError(f"unknown KV-cache type {kv_cache!r} for llama.cpp; choose one of {', '.join(KV_TYPES)}")

@@ -343,6 +343,12 @@ def test_all_conv_model_is_refused(model_dir, tokenizer, tmp_path):
     one_line_error(lambda: load(path), "no attention layer")
 
 
+def test_attention_only_model_is_refused(tokenizer, tmp_path):
+    """Nor does it survive an lfm2 model without conv layers (its recurrent state has no buffer)."""
+    d = build_checkpoint(tmp_path / "attn", tokenizer, layer_types=["full_attention"] * 2, num_hidden_layers=2)
+    one_line_error(lambda: export_model("gguf", d, tmp_path / "a.gguf"), "no conv layer")
+
+
 def test_rows_not_multiple_of_block_are_refused(tokenizer, tmp_path):
     d = build_checkpoint(tmp_path / "h144", tokenizer, hidden_size=144)  # rows of 144: not 32-aligned
     one_line_error(lambda: export_model("gguf", d, tmp_path / "q.gguf", quant="q8_0"), "144", "Q8_0", "f16")
