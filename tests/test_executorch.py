@@ -2,15 +2,14 @@
 
 Exports are slow (about a minute each on 2 cores), so three artifacts cover every axis, each built once
 per session: tiny fp32/fp32 ("exact"), mqa 8da8w + int8 KV + int8 embedding ("8bit": int8 cache, 8-bit
-weights, one KV head), tiny 8da4w + int8 KV + int4 embedding through the CLI at --max-seq-len 2048
-("4bit"). The prefill chunk is 16, so the protocol's 32-token prefill is itself chunked.
+weights, one KV head), trained tiny 8da4w + int8 KV + int4 embedding through the CLI at --max-seq-len
+2048 ("4bit"). The prefill chunk is 16, so the protocol's 32-token prefill is itself chunked.
 """
 from __future__ import annotations
 
 import json
 import warnings
 
-import numpy as np
 import pytest
 
 pytest.importorskip("executorch")
@@ -28,7 +27,9 @@ CHUNK = 16
 VARIANTS = {
     "fp32": ("tiny", "fp32", "fp32", "none", "exact"),
     "mqa-8da8w-int8kv": ("mqa", "8da8w", "int8", "int8", "8bit"),
-    "8da4w-int8kv": ("tiny", "8da4w", "int8", "int4", "4bit"),
+    # trained: 4-bit rounding noise compounds through a random-weight (chaotic) model to mean cos ~0.97
+    # in any engine; conftest's trained checkpoints have the peaked logits the §5 bounds describe
+    "8da4w-int8kv": ("trained:tiny", "8da4w", "int8", "int4", "4bit"),
 }
 
 
@@ -67,42 +68,14 @@ def sessions(pte):
     return get
 
 
-def eager_logits(model_dir, name, ids):
-    """The exported module run eagerly in PyTorch with the same quantized weights and cache: what the
-    .pte must reproduce, whatever the quantization itself costs."""
-    import torch
-
-    from export.executorch import BufferCache, ExportedLM, load_custom_ops, prepare_model
-
-    load_custom_ops()
-    _, quant, kv, emb, _ = VARIANTS[name]
-    model = load_model(model_dir)
-    prepare_model(model, quant, 32, emb)
-    module = ExportedLM(model, BufferCache(model.config, MAX_SEQ_LEN, kv)).eval()
-    half = len(ids) // 2
-    with torch.no_grad():
-        out = [module(torch.tensor([ids[:half]]), torch.tensor([0]))[0].numpy()]
-        out += [module(torch.tensor([[t]]), torch.tensor([half + i]))[0].numpy() for i, t in enumerate(ids[half:])]
-    return np.stack(out)[: len(ids) - half + 1]
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity(name, sessions, checkpoints):
-    ckpt, quant, _, _, bound = VARIANTS[name]
+    ckpt, _, _, _, bound = VARIANTS[name]
     ids = random_ids(1024, seed=1)
     s = sessions(name)
     s.prefill(random_ids(1024, seed=2, n=20))  # stale state from another sequence must not leak
     got = session_logits(s, ids)  # resets, prefills 32 (2 chunks), decodes 32
-    ref = reference_logits(checkpoints(ckpt), ids)
-    if bound != "4bit":
-        assert_parity(ref, got, bound)
-        return
-    # 4-bit round-to-nearest of this random-weight tiny model costs mean cos ~0.97 in any engine (the
-    # GGUF and ONNX tests measure the same), below DESIGN §5's 0.98. What the exporter controls is checked
-    # tightly: the .pte computes what PyTorch computes with the same quantized weights (8-bit bound).
-    assert_parity(eager_logits(checkpoints(ckpt), name, ids), got, "8bit")
-    m = metrics(ref, got)
-    assert m["mean_cos"] >= 0.93 and m["top1_match"] >= 0.9, m  # a floor far above a broken layout (~0)
+    assert_parity(reference_logits(checkpoints(ckpt), ids), got, bound)
 
 
 def test_chunked_prefill_matches_reference(sessions, checkpoints):
