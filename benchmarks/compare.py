@@ -250,8 +250,12 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+OUR_ENGINES = {"llamacpp", "executorch", "onnxruntime"}  # runtime.load's engines; everything else is a peer
+
+
 def label_of(r: dict) -> str:
-    return f"{r['engine']} {r['quant']} kv {r['kv_cache']}"
+    who = "ours: " if r["engine"] in OUR_ENGINES else ""
+    return f"{who}{r['engine']} {r['quant']} kv {r['kv_cache']}"
 
 
 def main():
@@ -336,7 +340,7 @@ def summarize(records: list[dict], result: dict) -> None:
     """Ratios of medians against the best peer and against transformers eager."""
     med = {(r["model_filename"], r["engine"], r["quant"], r["kv_cache"], "pp" if r["n_prompt"] else "tg"):
            r["median_ts"] for r in records}
-    ours_engines = {"llamacpp", "executorch", "onnxruntime"}
+    ours_engines = OUR_ENGINES
     summary = {}
     for test in ("pp", "tg"):
         ours = {k: v for k, v in med.items() if k[-1] == test and k[1] in ours_engines}
