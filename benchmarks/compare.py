@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import threading
 import time
@@ -95,7 +94,6 @@ class RawLlamaSession(Session):
         self.raw = RawLlama(ours, path)
         super().__init__(ours.config, None, max_seq_len, n_threads, quant=ours.quant, kv_cache=ours.kv_cache,
                          path=str(path))
-        self._kv_per_token = None
         ours.close()
 
     def _forward(self, ids):
