@@ -17,6 +17,9 @@ def atomic_path(final: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets an ordinary file's mode
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):

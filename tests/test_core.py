@@ -216,3 +216,21 @@ def test_trained_checkpoint_is_more_predictable_than_random(checkpoints):
             logits = model(ids[:, :-1], 0, DynamicCache(model.config))
         losses.append(float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:])))
     assert losses[1] < losses[0] - 0.5, losses
+
+
+def test_atomic_write_leaves_nothing_on_failure_and_normal_mode(tmp_path):
+    import os
+
+    from edge.files import atomic_path
+
+    target = tmp_path / "a.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"whole" and (target.stat().st_mode & 0o777) == 0o666 & ~umask
