@@ -203,25 +203,13 @@ def child_bench(workdir: Path) -> None:
             session.prefill(ids[start:min(start + 512, context)])
         result["kv_bytes_at"][str(context)] = int(session.kv_cache_bytes())
     result["kv_bytes"] = result["kv_bytes_at"][str(settings.decode_depth)]
-    result["peak_rss_mb"] = round(_own_peak_rss_mb(peak_rss_mb), 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)  # the child's own peak (VmHWM)
     result["artifact_mb"] = round(artifact_bytes(artifact) / 2**20, 3)
     session.close()
     result["noisy"] = decode["noisy"] or any(p["noisy"] for p in result["prefill"].values())
     with open(workdir / "result.json.partial", "w") as f:
         json.dump(result, f)
     os.replace(workdir / "result.json.partial", workdir / "result.json")
-
-
-def _own_peak_rss_mb(fallback) -> float:
-    """Peak RSS of this process's own memory (VmHWM). Not ru_maxrss: Linux carries that across fork and
-    exec, so a child would report at least the search process's RSS at the time it was started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return fallback()
 
 
 def summary(result: dict, settings: MeasureSettings) -> dict:
