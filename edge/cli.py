@@ -176,8 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Import-time chatter of the toolchains that says nothing about the user's model: torchao's optional
+# CUDA kernels on a CPU-only machine, torch's pytree deprecation of torchao's enum registrations.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv=None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.func(args)
     except KeyboardInterrupt:
