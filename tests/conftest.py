@@ -7,8 +7,10 @@ from edge.checkpoint import save_model
 from edge.config import preset
 from edge.model import HybridLM
 from edge.tokenizer import default_corpus, save_tokenizer, train_tokenizer
+from parity import random_ids, reference_logits
 
 TINY = preset("tiny")
+PARITY_IDS = random_ids(TINY.vocab_size)  # the DESIGN §5 sequence every exporter's parity test uses
 
 # Small configs that cover the architecture's corners (DESIGN.md §2). head_dim 32 everywhere so
 # 4-bit KV blocks of 32 fit; widths are multiples of 32 for 4-bit weight groups.
@@ -65,3 +67,18 @@ def checkpoints(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_dir(checkpoints):
     return checkpoints("tiny")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """checkpoint dir -> reference logits of the parity protocol on PARITY_IDS, computed once per session
+    and shared by every exporter's tests."""
+    cache = {}
+
+    def get(model_dir):
+        key = str(model_dir)
+        if key not in cache:
+            cache[key] = reference_logits(model_dir, PARITY_IDS)
+        return cache[key]
+
+    return get

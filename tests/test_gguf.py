@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from conftest import build_checkpoint
+from conftest import PARITY_IDS, build_checkpoint
 from gguf import GGMLQuantizationType as QType
 from parity import assert_parity, metrics, random_ids, reference_logits, session_logits
 from safetensors.torch import save_file
@@ -30,7 +30,7 @@ from runtime.llamacpp import tokenizer_from_vocab
 # Checkpoints beyond conftest's VARIANTS: rows of 256 so llama.cpp's K-quants really use K blocks
 # (tiny's rows of 128 make llama.cpp fall back to q5_0/q8_0), and head_dim 16 for the KV block check.
 EXTRA = {"wide": dict(hidden_size=256, intermediate_size=1152), "head_dim16": dict(num_attention_heads=8)}
-IDS = random_ids(1024)
+IDS = PARITY_IDS
 
 
 @pytest.fixture(scope="session")
@@ -59,18 +59,6 @@ def gguf_file(model_dir, tmp_path_factory):
             cache[key] = export_model("gguf", model_dir(variant), out_dir / f"{variant.replace(':', '_')}-{quant}-{kv_cache}.gguf",
                                       quant=quant, kv_cache=kv_cache)
         return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def reference(model_dir):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cache[variant] = reference_logits(model_dir(variant), IDS)
-        return cache[variant]
 
     return get
 
@@ -107,10 +95,10 @@ PARITY = [  # variant, weights, KV cache type chosen at export (the artifact's d
 
 
 @pytest.mark.parametrize("variant,quant,kv_cache,bound", PARITY, ids=["-".join(p[:3]) for p in PARITY])
-def test_parity(gguf_file, reference, variant, quant, kv_cache, bound):
+def test_parity(model_dir, gguf_file, reference, variant, quant, kv_cache, bound):
     session = load(gguf_file(variant, quant, kv_cache), n_threads=1)
     assert (session.quant, session.kv_cache) == (quant, kv_cache)
-    assert_parity(reference(variant), session_logits(session, IDS), bound)
+    assert_parity(reference(model_dir(variant)), session_logits(session, IDS), bound)
 
 
 def dequantized_checkpoint(model_dir: Path, gguf_path: Path, out_dir: Path) -> Path:
@@ -143,8 +131,8 @@ def test_q4_0_is_llamacpp_q4_0(model_dir, gguf_file, reference, variant, tmp_pat
 
     stock = tmp_path / "stock-q4_0.gguf"
     export_gguf.quantize_with_llamacpp(gguf_file(variant, "f32"), stock, gguf.LlamaFileType.MOSTLY_Q4_0)
-    stock_metrics = metrics(reference(variant), session_logits(load(stock, n_threads=1), IDS))
-    our_metrics = metrics(reference(variant), got)
+    stock_metrics = metrics(reference(model_dir(variant)), session_logits(load(stock, n_threads=1), IDS))
+    our_metrics = metrics(reference(model_dir(variant)), got)
     assert our_metrics["mean_cos"] >= stock_metrics["mean_cos"] - 1e-4, (our_metrics, stock_metrics)
     assert our_metrics["mean_cos"] >= 0.95, our_metrics  # a sanity floor far above a broken layout (~0)
 
@@ -189,7 +177,7 @@ def test_stock_llamacpp_tokenizes_like_ours(gguf_file, tokenizer):
     assert list(out[:n]) == expected
 
 
-def test_stock_converter_style_file_loads(model_dir, tokenizer, tmp_path, monkeypatch):
+def test_stock_converter_style_file_loads(model_dir, reference, tokenizer, tmp_path, monkeypatch):
     """Without our custom keys (tokenizer.json, default KV type) -- as llama.cpp's converter writes it --
     the config and tokenizer come from the standard lfm2 keys alone."""
     original = gguf.GGUFWriter.add_string
@@ -208,7 +196,7 @@ def test_stock_converter_style_file_loads(model_dir, tokenizer, tmp_path, monkey
     assert session.config.layer_types == HybridConfig.load(model_dir("mqa")).layer_types
     text = "<|im_start|>user\nfor i in range(10): print(i)<|im_end|>"
     assert session.tokenizer.encode(text).ids == tokenizer.encode(text).ids
-    assert_parity(reference_logits(model_dir("mqa"), IDS), session_logits(session, IDS), "exact")
+    assert_parity(reference(model_dir("mqa")), session_logits(session, IDS), "exact")
 
 
 def test_tokenizer_from_vocab_matches(gguf_file, tokenizer):
@@ -227,7 +215,7 @@ def test_transformers_saved_checkpoint(model_dir, reference, tmp_path):
     transformers.Lfm2ForCausalLM.from_pretrained(model_dir("tiny")).save_pretrained(saved)
     shutil.copy(model_dir("tiny") / "tokenizer.json", saved)
     session = load(export_model("gguf", saved, tmp_path / "hf.gguf", quant="f32"), n_threads=1)
-    assert_parity(reference("tiny"), session_logits(session, IDS), "exact")
+    assert_parity(reference(model_dir("tiny")), session_logits(session, IDS), "exact")
 
 
 # ---- session behaviour -------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import PARITY_IDS
 from edge.errors import EdgeError
 from export import export_model
 from export.onnx import state_names, weight_matmuls
-from parity import assert_parity, random_ids, reference_logits, session_logits
+from parity import assert_parity, session_logits
 from runtime import load
 
 # (checkpoint variant, quant, kv cache, group size) -> parity bound
@@ -53,27 +54,14 @@ def artifact(checkpoints, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def reference(checkpoints):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            ids = random_ids(1024)
-            cache[variant] = ids, reference_logits(checkpoints(variant), ids)
-        return cache[variant]
-
-    return get
-
-
 @pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(str(x) for x in c if x))
-def test_parity(case, artifact, reference):
+def test_parity(case, artifact, checkpoints, reference):
     variant, quant, kv_cache, group_size = case
     path = artifact(*case)
     onnx.checker.check_model(str(path))
     session = load(path, n_threads=1)
     assert (session.quant, session.kv_cache) == (quant, kv_cache)
-    ids, ref = reference(variant)
+    ids, ref = PARITY_IDS, reference(checkpoints(variant))
     assert_parity(ref, session_logits(session, ids), CASES[case])
 
 
@@ -108,7 +96,7 @@ def test_kv_cache_bytes_are_real(artifact):
         assert s.kv_cache_bytes() == 0 and s.n_past == 0
 
 
-def test_documented_io_runs_in_a_plain_inference_session(artifact, reference):
+def test_documented_io_runs_in_a_plain_inference_session(artifact, checkpoints, reference):
     """Another runtime can drive the model from the documented names alone (export/onnx.py docstring)."""
     path = artifact("tiny", "fp32", "fp32")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -121,7 +109,7 @@ def test_documented_io_runs_in_a_plain_inference_session(artifact, reference):
         else:
             past[f"past_conv.{i}"] = np.zeros((1, hidden, l_cache), np.float32)
     assert sorted(i.name for i in sess.get_inputs()) == sorted(["input_ids", *past])
-    ids, ref = reference("tiny")
+    ids, ref = PARITY_IDS, reference(checkpoints("tiny"))
     half = len(ids) // 2
     steps = [ids[:half]] + [[t] for t in ids[half:]]
     got = []
@@ -144,7 +132,7 @@ def test_cli_export_int4_int8_cache(checkpoints, reference, tmp_path):
     s = load(out, n_threads=1)
     assert (s.quant, s.kv_cache) == ("int4", "int8")
     assert any(n.endswith(".key_scale") for n in state_names(s.config, "int8"))
-    ids, ref = reference("trained:tiny")
+    ids, ref = PARITY_IDS, reference(checkpoints("trained:tiny"))
     assert_parity(ref, session_logits(s, ids), "4bit")
     assert not list(tmp_path.glob("*.partial"))
 
