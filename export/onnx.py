@@ -7,18 +7,18 @@ onnxruntime-genai's LFM2 builder and transformers.js use, so their loops can dri
 
     input_ids                         int64 [1, sequence_length]
     past_key_values.{i}.key / .value  [1, n_kv_heads, past_sequence_length, head_dim]   attention layer i
-    past_conv.{i}                     float32 [1, hidden, conv_L_cache]                  conv layer i
+    past_conv.{i}                     float32 [1, hidden, conv_L_cache - 1]              conv layer i
     logits                            float32 [1, 1, vocab]   (the last position only)
     present.{i}.key / .value          [1, n_kv_heads, past_sequence_length + sequence_length, head_dim]
-    present_conv.{i}                  float32 [1, hidden, conv_L_cache]
+    present_conv.{i}                  float32 [1, hidden, conv_L_cache - 1]
 
 `i` is the real layer index. K/V are grouped (n_kv_heads, never expanded) and stored in the artifact's
 KV format: float32, float16, or int8 with a float32 scale per (position, kv head) in the extra tensors
 `past_key_values.{i}.key_scale` / `.value_scale` -> `present.{i}.key_scale` / `.value_scale`
 [1, n_kv_heads, seq, 1] (symmetric: value = int8 * scale). Positions come from the past length, so
 there is no position input; a fresh sequence starts from empty (length-0) K/V and zero conv states.
-The conv state keeps conv_L_cache columns (of which the conv uses the newest L_cache-1), as the
-onnxruntime-genai builder and transformers.js do. Everything `runtime.load` needs (config, tokenizer,
+The conv state keeps the newest conv_L_cache-1 columns of B*x (DESIGN.md §3), as the onnxruntime-genai
+builder's `past.{i}.conv` does. Everything `runtime.load` needs (config, tokenizer,
 quant, KV format, max_seq_len) is in the model's metadata_props under the `edge.` keys.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +37,7 @@ from edge.checkpoint import load_model
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
-from edge.model import causal_mask, grouped_attention
+from edge.model import causal_mask, grouped_attention, rope_cos_sin
 from edge.tokenizer import tokenizer_json
 from runtime.onnxruntime import META_PREFIX, present_name
 
@@ -66,7 +67,7 @@ def empty_state(config: HybridConfig, kv_cache: str, past_len: int = 0) -> dict[
     state = {}
     for name in state_names(config, kv_cache):
         if name.startswith("past_conv."):
-            state[name] = torch.zeros(1, config.hidden_size, config.conv_L_cache)
+            state[name] = torch.zeros(1, config.hidden_size, config.conv_L_cache - 1)
         elif name.endswith("_scale"):
             state[name] = torch.ones(1, config.num_key_value_heads, past_len, 1)
         else:
@@ -109,7 +110,7 @@ class ExplicitCache:
 
     def conv_window(self, layer, bx):
         window = torch.cat([self.past[f"past_conv.{layer}"], bx], dim=-1)
-        self.present[f"present_conv.{layer}"] = window[..., -self.config.conv_L_cache:]
+        self.present[f"present_conv.{layer}"] = window[..., -(self.config.conv_L_cache - 1):]
         return window
 
 
@@ -144,8 +145,8 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     config = model.config
     tokenizer_text = tokenizer_json(model_dir)
     with quiet():
-        graph = trace(model, kv_cache)
-        graph = quantize_weights(graph, quant, group_size)
+        graph = trace(model, kv_cache, max_seq_len)
+        graph = quantize_weights(graph, quant, group_size, config)
     metadata = {"config": json.dumps(config.to_dict()), "tokenizer": tokenizer_text, "quant": quant,
                 "kv_cache": kv_cache, "max_seq_len": str(max_seq_len),
                 "group_size": str(group_size if quant == "int4" else 0),
@@ -176,7 +177,7 @@ def quiet():
 
 
 @torch.no_grad()
-def trace(model, kv_cache: str):
+def trace(model, kv_cache: str, max_seq_len: int):
     """torch.onnx.export (dynamo) of one step; returns the optimised ModelProto, checked for all state outputs."""
     config = model.config
     if config.tie_word_embeddings:  # a separate lm_head initializer, so the weight quantizers see a constant MatMul
@@ -195,8 +196,10 @@ def trace(model, kv_cache: str):
     except Exception as e:
         raise EdgeError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
     graph = fuse_for_ort(program.model_proto)
+    graph = fuse_causal_conv(graph, config)
+    graph = pack_parallel_matmuls(graph)
     if kv_cache == "fp32":
-        graph = fuse_group_query_attention(graph, config)
+        graph = fuse_group_query_attention(graph, config, max_seq_len)
     outputs = [o.name for o in graph.graph.output]
     missing = [present_name(n) for n in names if present_name(n) not in outputs]
     if missing or "logits" not in outputs:
@@ -244,13 +247,107 @@ def plain_rms_norms(graph):
     return graph
 
 
-def fuse_group_query_attention(graph, config: HybridConfig):
-    """Replace each attention layer's Concat(past, new) + expanded-KV MultiHeadAttention by one
+def fuse_causal_conv(graph, config: HybridConfig):
+    """Replace each conv layer's Concat(past_conv, B*x) + depthwise Conv (+ Slice of the new state, + Slice
+    of the output) by one com.microsoft CausalConvWithState, ORT's fused kernel for stateful short convs
+    (the onnxruntime-genai builder's LFM2 graph uses it too): a generic grouped Conv over a 3-column window
+    costs several times more per decode step (README). Its state is the newest L_cache-1 columns, as ours.
+    Returns the graph unchanged if the expected pattern is absent."""
+    from onnx import helper
+
+    nodes = list(graph.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replace, drop = {}, set()
+    for layer in config.conv_layers:
+        past = f"past_conv.{layer}"
+        state_slice = producer.get(present_name(past))
+        window = producer.get(state_slice.input[0]) if state_slice is not None else None
+        if window is None or window.op_type != "Concat" or list(window.input[:1]) != [past]:
+            return graph
+        convs = [c for c in consumers[window.output[0]] if c.op_type == "Conv"]
+        if len(convs) != 1:
+            return graph
+        conv = convs[0]
+        after = consumers.get(conv.output[0], [])
+        trim = after[0] if len(after) == 1 and after[0].op_type == "Slice" else None  # [-T:]: a no-op now
+        output = trim.output[0] if trim else conv.output[0]
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        replace[id(conv)] = [helper.make_node(
+            "CausalConvWithState", [window.input[1], conv.input[1], bias, past], [output, present_name(past)],
+            name=f"causal_conv_{layer}", domain="com.microsoft", activation="none")]
+        drop |= {id(window), id(state_slice)} | ({id(trim)} if trim else set())
+    return rebuild(graph, nodes, replace, drop)
+
+
+def pack_parallel_matmuls(graph):
+    """MatMuls that read the same activation with constant weights (attention q/k/v, FFN w1/w3) become
+    one MatMul over the weights concatenated along N, then a Split: fewer, wider GEMVs per step, as the
+    onnxruntime-genai builder packs qkv_proj. The quantizers then see one wider weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in graph.graph.initializer}
+    nodes = list(graph.graph.node)
+    siblings = {}
+    for n in nodes:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            siblings.setdefault(n.input[0], []).append(n)
+    replace, drop = {}, set()
+    for x, group in siblings.items():
+        if len(group) < 2:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+        packed = f"packed.{group[0].name or group[0].output[0]}"
+        graph.graph.initializer.extend([
+            numpy_helper.from_array(np.concatenate(weights, axis=1), packed),
+            helper.make_tensor(packed + ".split", TensorProto.INT64, [len(group)], [w.shape[1] for w in weights])])
+        replace[id(group[0])] = [helper.make_node("MatMul", [x, packed], [packed + ".out"], name=packed),
+                                 helper.make_node("Split", [packed + ".out", packed + ".split"],
+                                                  [n.output[0] for n in group], axis=-1)]
+        drop |= {id(n) for n in group[1:]}
+    return rebuild(graph, nodes, replace, drop)
+
+
+def rebuild(graph, nodes: list, replace: dict, drop: set, prelude: list = ()):
+    """The graph with `nodes` (a list of its nodes, whose ids the keys refer to) replaced (id -> new nodes,
+    in place) or dropped, `prelude` first, then dead nodes and initializers nothing reads removed."""
+    nodes = [*prelude, *(m for n in nodes if id(n) not in drop for m in replace.get(id(n), [n]))]
+    nodes = remove_dead_nodes(nodes, [o.name for o in graph.graph.output])
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [i for i in graph.graph.initializer if i.name in used]
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    return graph
+
+
+def unroped(producer, roped: str):
+    """The [B, S, heads, D] tensor that RoPE was applied to, if `roped` is the exporter's rotate-half form
+    Add(Mul(x, cos), Mul(rotate_half(x), sin)) with x = Transpose(it, [0, 2, 1, 3]); else None."""
+    add = producer.get(roped)
+    if add is None or add.op_type != "Add":
+        return None
+    for term in add.input:
+        mul = producer.get(term)
+        for factor in (mul.input if mul is not None and mul.op_type == "Mul" else []):
+            t = producer.get(factor)
+            if t is not None and t.op_type == "Transpose" and list(t.attribute[0].ints) == [0, 2, 1, 3]:
+                return t.input[0]
+    return None
+
+
+def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
+    """Replace each attention layer's RoPE + Concat(past, new) + expanded-KV MultiHeadAttention by one
     com.microsoft GroupQueryAttention (fp32 KV only: ORT's CPU kernel wants T_CACHE == T for float).
-    GQA appends to the grouped cache and attends causally without expanding K/V to n_heads, which is
-    what makes it faster (README). Returns the graph unchanged if the expected pattern is absent."""
+    GQA appends to the grouped cache, applies RoPE itself (do_rotary, from cos/sin tables of
+    max_seq_len positions) and attends causally without expanding K/V to n_heads: fewer kernels per
+    step (README). Returns the graph unchanged if the expected pattern is absent."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.graph.node)
     producer = {o: n for n in nodes for o in n.output}
@@ -261,8 +358,11 @@ def fuse_group_query_attention(graph, config: HybridConfig):
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     first_past = f"past_key_values.{layers[0]}.key"
     const = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
+    cos, sin = rope_cos_sin(torch.arange(max_seq_len), D, config.rope_theta)  # [S, D]: two equal halves
     graph.graph.initializer.extend([const("gqa.one", [1]), const("gqa.scalar", []),  # shape [] -> a scalar
-                                    const("gqa.kv_shape", [0, 0, KV * D])])
+                                    const("gqa.kv_shape", [0, 0, KV * D]), const("gqa.q_shape", [0, 0, H * D]),
+                                    numpy_helper.from_array(cos[:, : D // 2].numpy(), "gqa.cos_cache"),
+                                    numpy_helper.from_array(sin[:, : D // 2].numpy(), "gqa.sin_cache")])
     prelude = [  # seqlens_k = total - 1 ([batch] int32) and total_sequence_length (int32 scalar), shared
         helper.make_node("Shape", [first_past], ["gqa.past_len"], start=2, end=3),
         helper.make_node("Shape", ["input_ids"], ["gqa.seq_len"], start=1, end=2),
@@ -277,24 +377,28 @@ def fuse_group_query_attention(graph, config: HybridConfig):
         cat_k, cat_v = producer[f"present.{layer}.key"], producer[f"present.{layer}.value"]
         if cat_k.op_type != "Concat" or cat_v.op_type != "Concat":
             return graph
-        new = []
-        for kind, cat in (("key", cat_k), ("value", cat_v)):
-            new += [helper.make_node("Transpose", [cat.input[1]], [f"gqa.{layer}.{kind}_bsnh"], perm=[0, 2, 1, 3]),
-                    helper.make_node("Reshape", [f"gqa.{layer}.{kind}_bsnh", "gqa.kv_shape"],
-                                     [f"gqa.{layer}.{kind}"])]
+        # the query arrives as Reshape(Transpose(roped q)) [B, S, H*D]; GQA takes q and k before RoPE
+        q_packed = producer.get(attn.input[0])
+        q_bhsd = producer.get(q_packed.input[0]) if q_packed is not None else None
+        q, k = (unroped(producer, q_bhsd.input[0]) if q_bhsd is not None else None,
+                unroped(producer, cat_k.input[1]))
+        if q is None or k is None:
+            return graph
+        new = [helper.make_node("Reshape", [q, "gqa.q_shape"], [f"gqa.{layer}.query"]),
+               helper.make_node("Reshape", [k, "gqa.kv_shape"], [f"gqa.{layer}.key"]),
+               helper.make_node("Transpose", [cat_v.input[1]], [f"gqa.{layer}.value_bsnh"], perm=[0, 2, 1, 3]),
+               helper.make_node("Reshape", [f"gqa.{layer}.value_bsnh", "gqa.kv_shape"], [f"gqa.{layer}.value"])]
         scale = [a.f for a in attn.attribute if a.name == "scale"]
         new.append(helper.make_node(
             "GroupQueryAttention",
-            [attn.input[0], f"gqa.{layer}.key", f"gqa.{layer}.value", f"past_key_values.{layer}.key",
-             f"past_key_values.{layer}.value", "gqa.seqlens_k", "gqa.total_len"],
+            [f"gqa.{layer}.query", f"gqa.{layer}.key", f"gqa.{layer}.value", f"past_key_values.{layer}.key",
+             f"past_key_values.{layer}.value", "gqa.seqlens_k", "gqa.total_len", "gqa.cos_cache", "gqa.sin_cache"],
             [attn.output[0], f"present.{layer}.key", f"present.{layer}.value"],
             name=f"gqa_{layer}", domain="com.microsoft", num_heads=H, kv_num_heads=KV,
-            scale=scale[0] if scale else D ** -0.5))
+            scale=scale[0] if scale else D ** -0.5, do_rotary=1, rotary_interleaved=0))
         replace[id(attn)] = new
         drop |= {id(cat_k), id(cat_v)}
-    rebuilt = prelude + [m for n in nodes if id(n) not in drop for m in replace.get(id(n), [n])]
-    del graph.graph.node[:]
-    graph.graph.node.extend(remove_dead_nodes(rebuilt, [o.name for o in graph.graph.output]))
+    graph = rebuild(graph, nodes, replace, drop, prelude)
     onnx.checker.check_model(graph)
     return graph
 
@@ -315,12 +419,13 @@ def weight_matmuls(graph) -> list[str]:
             and any(i in constants for i in n.input[:2])]
 
 
-def quantize_weights(graph, quant: str, group_size: int):
+def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     """fp32 as is. int8: ORT dynamic quantization (int8 weights per output channel, activations
     quantized per call). int4: MatMulNBits, blocks of `group_size` along K with a scale and zero point
     each (asymmetric: measurably closer to fp32 than symmetric at the same size, see README), int8
     compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
-    (export untied it, so the embedding Gather keeps its own fp32 table)."""
+    (export untied it so the quantizer sees a constant MatMul). int4 with tied embeddings: the embedding
+    reads the lm_head's 4-bit blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table."""
     if quant == "fp32":
         return graph
     import onnx
@@ -332,6 +437,8 @@ def quantize_weights(graph, quant: str, group_size: int):
                                          accuracy_level=4)
         quantizer.process()
         quantized = quantizer.model.model
+        if config.tie_word_embeddings:
+            quantized = share_quantized_embedding(quantized)
     else:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
@@ -343,3 +450,34 @@ def quantize_weights(graph, quant: str, group_size: int):
     if left:
         raise EdgeError(f"{quant} quantization left {len(left)} weight MatMuls in float ({left[0]}, ...)")
     return quantized
+
+
+def share_quantized_embedding(graph):
+    """Tied embeddings, int4: replace the embedding's fp32 Gather by a com.microsoft GatherBlockQuantized
+    over the lm_head MatMulNBits' own 4-bit blocks, scales and zero points (one table in the file, as
+    the onnxruntime-genai builder does: the fp32 table was half of an int4 lfm2-350m file). Returns the
+    graph unchanged where the blocks do not tile the rows exactly (hidden not a multiple of the block)."""
+    from onnx import TensorProto, helper
+
+    nodes = list(graph.graph.node)
+    inits = {i.name: i for i in graph.graph.initializer}
+    lm_head = next((n for n in nodes if "logits" in n.output), None)
+    gather = next((n for n in nodes if n.op_type == "Gather" and n.input[0] in inits), None)
+    if lm_head is None or lm_head.op_type != "MatMulNBits" or gather is None:
+        return graph
+    attrs = {a.name: a.i for a in lm_head.attribute}
+    vocab, hidden, block = attrs["N"], attrs["K"], attrs["block_size"]
+    if hidden % block or list(inits[gather.input[0]].dims) != [vocab, hidden]:
+        return graph
+    blocks, scales = lm_head.input[1], lm_head.input[2]
+    rows = helper.make_tensor("embedding.rows", TensorProto.INT64, [2], [vocab, hidden // 2])
+    zero_rows = helper.make_tensor("embedding.zero_rows", TensorProto.INT64, [2], [vocab, -1])
+    graph.graph.initializer.extend([rows, zero_rows])
+    new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"])]  # [vocab, hidden/2] uint8
+    inputs = ["embedding.blocks", gather.input[1], scales]
+    if len(lm_head.input) > 3 and lm_head.input[3]:
+        new.append(helper.make_node("Reshape", [lm_head.input[3], "embedding.zero_rows"], ["embedding.zero_points"]))
+        inputs.append("embedding.zero_points")
+    new.append(helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name="embedding_q4",
+                                domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1))
+    return rebuild(graph, nodes, {id(gather): new}, set())

@@ -66,21 +66,37 @@ def test_parity(case, artifact, checkpoints, reference):
 
 
 def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
-    """lm_head (tied to the embedding) is quantized too; the embedding Gather keeps a float table."""
-    for quant, ops in (("int8", {"MatMulInteger", "DynamicQuantizeMatMul"}), ("int4", {"MatMulNBits"})):
-        graph = onnx.load(str(artifact("trained:tiny" if quant == "int4" else "tiny", quant, "fp32")))
+    """lm_head (tied to the embedding) is quantized too. int8: the embedding Gather keeps a float table;
+    int4: the embedding reads the lm_head's 4-bit blocks (one table, no float copy); untied int4 keeps it."""
+    for variant, quant, ops, gather in (("tiny", "int8", {"MatMulInteger", "DynamicQuantizeMatMul"}, "Gather"),
+                                        ("trained:tiny", "int4", {"MatMulNBits"}, "GatherBlockQuantized"),
+                                        ("untied", "int4", {"MatMulNBits"}, "Gather")):
+        graph = onnx.load(str(artifact(variant, quant, "fp32")))
         assert weight_matmuls(graph) == []
-        assert ops & {n.op_type for n in graph.graph.node}
-        assert "Gather" in {n.op_type for n in graph.graph.node}
+        ops_used = {n.op_type for n in graph.graph.node}
+        assert ops & ops_used and gather in ops_used
+        floats = [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                  and list(i.dims) == [1024, 128]]
+        assert (floats == []) == (gather == "GatherBlockQuantized"), floats
+    lm_head = next(n for n in graph.graph.node if "logits" in n.output)  # untied: still 4-bit
+    assert lm_head.op_type == "MatMulNBits"
 
 
-def test_attention_is_fused_for_ort(artifact):
-    """fp32 KV: one com.microsoft GroupQueryAttention per attention layer over the grouped cache, no
-    K/V expansion to n_heads; other KV formats keep the exporter's attention (MultiHeadAttention)."""
+def test_graph_is_fused_for_ort(artifact):
+    """fp32 KV: one com.microsoft GroupQueryAttention per attention layer over the grouped cache, RoPE
+    inside it, no K/V expansion to n_heads; other KV formats keep the exporter's attention
+    (MultiHeadAttention). Every KV format: one CausalConvWithState per conv layer (no generic Conv),
+    q/k/v and FFN w1|w3 packed into one MatMul each (per layer: in_proj or qkv, out_proj, w1|w3, w2;
+    6 layers * 4 + lm_head = 25)."""
     ops = [n.op_type for n in onnx.load(str(artifact("tiny", "fp32", "fp32"))).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Expand" not in ops
-    ops = [n.op_type for n in onnx.load(str(artifact("tiny", "fp32", "int8"))).graph.node]
+    assert not {"Sin", "Cos", "Neg", "Conv", "MultiHeadAttention"} & set(ops)
+    assert ops.count("CausalConvWithState") == 4 and ops.count("MatMul") == 25
+    graph = onnx.load(str(artifact("tiny", "fp32", "int8"))).graph
+    ops = [n.op_type for n in graph.node]
     assert "GroupQueryAttention" not in ops and ops.count("MultiHeadAttention") == 2
+    assert ops.count("CausalConvWithState") == 4 and "Conv" not in ops
+    assert ops.count("MatMul") + ops.count("DynamicQuantizeMatMul") + ops.count("MatMulInteger") == 25
 
 
 def test_kv_cache_bytes_are_real(artifact):
@@ -100,14 +116,14 @@ def test_documented_io_runs_in_a_plain_inference_session(artifact, checkpoints, 
     """Another runtime can drive the model from the documented names alone (export/onnx.py docstring)."""
     path = artifact("tiny", "fp32", "fp32")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    hidden, n_kv, head_dim, l_cache = 128, 2, 32, 3
+    hidden, n_kv, head_dim, l_cache = 128, 2, 32, 3  # the conv state is the newest l_cache-1 columns
     past = {}
     for i in range(6):
         if i in (2, 5):
             for kind in ("key", "value"):
                 past[f"past_key_values.{i}.{kind}"] = np.zeros((1, n_kv, 0, head_dim), np.float32)
         else:
-            past[f"past_conv.{i}"] = np.zeros((1, hidden, l_cache), np.float32)
+            past[f"past_conv.{i}"] = np.zeros((1, hidden, l_cache - 1), np.float32)
     assert sorted(i.name for i in sess.get_inputs()) == sorted(["input_ids", *past])
     ids, ref = PARITY_IDS, reference(checkpoints("tiny"))
     half = len(ids) // 2
