@@ -14,6 +14,9 @@
    through its own Generator (append_tokens), llama.cpp through runtime.load (LlamaCppSession), ours
    through runtime.load (OnnxSession). Also reported for ours: the share of a decode step spent
    outside ORT's run (the Python loop + IO binding; target <= 5%).
+4. Ratios: of the medians, and the median of per-repetition ratios (`paired_*`: each repetition's
+   ours/peer figures run back to back, so a load change between repetitions cancels out; on a shared
+   machine these are the figures to quote).
 
 Writes benchmarks/results/onnx.json.
 """
@@ -147,6 +150,7 @@ def main():
         print(f"export {name}: {exports[name]}", flush=True)
 
     max_len = args.n_prompt + args.n_gen + 16
+    load_before = os.getloadavg()  # the machine is shared: the load says how far to trust absolute figures
     engines = {}
     for name in plan:
         t0 = time.perf_counter()
@@ -189,23 +193,23 @@ def main():
         runs.append(r)
         share = f"{100 * r['tg_outside_ort_share_median']:.2f}%" if "tg_outside_ort_share_median" in r else ""
         print(f"{name:<16} {r['pp_median_ts']:>8.1f} {r['tg_median_ts']:>8.2f} {r['file_mb']:>7.1f}  {share}")
-    by = {r["artifact"]: r for r in runs}
     ratios = {}
-    if "ours-int4.onnx" in by and "genai-int4" in by:
-        ratios["tg_ours_int4_over_genai_int4"] = round(by["ours-int4.onnx"]["tg_median_ts"] / by["genai-int4"]["tg_median_ts"], 3)
-        ratios["pp_ours_int4_over_genai_int4"] = round(by["ours-int4.onnx"]["pp_median_ts"] / by["genai-int4"]["pp_median_ts"], 3)
-    if "ours-int4.onnx" in by and "q4_0.gguf" in by:
-        ratios["pp_ours_int4_over_llamacpp_q4_0"] = round(by["ours-int4.onnx"]["pp_median_ts"] / by["q4_0.gguf"]["pp_median_ts"], 3)
-        ratios["tg_ours_int4_over_llamacpp_q4_0"] = round(by["ours-int4.onnx"]["tg_median_ts"] / by["q4_0.gguf"]["tg_median_ts"], 3)
-    if "ours-int8.onnx" in by and "q8_0.gguf" in by:
-        ratios["pp_ours_int8_over_llamacpp_q8_0"] = round(by["ours-int8.onnx"]["pp_median_ts"] / by["q8_0.gguf"]["pp_median_ts"], 3)
-        ratios["tg_ours_int8_over_llamacpp_q8_0"] = round(by["ours-int8.onnx"]["tg_median_ts"] / by["q8_0.gguf"]["tg_median_ts"], 3)
+    for ours, peer, label in (("ours-int4.onnx", "genai-int4", "ours_int4_over_genai_int4"),
+                              ("ours-int4.onnx", "q4_0.gguf", "ours_int4_over_llamacpp_q4_0"),
+                              ("ours-int8.onnx", "q8_0.gguf", "ours_int8_over_llamacpp_q8_0")):
+        if ours in samples and peer in samples:
+            for test in ("pp", "tg"):
+                a, b = samples[ours][test], samples[peer][test]
+                ratios[f"{test}_{label}"] = round(statistics.median(a) / statistics.median(b), 3)
+                ratios[f"paired_{test}_{label}"] = round(statistics.median(x / y for x, y in zip(a, b)), 3)
     print(json.dumps(ratios, indent=1))
     import onnxruntime
     result = dict(command=" ".join(["benchmarks/bench_onnx.py", *sys.argv[1:]]), preset="lfm2-350m (random weights)",
                   exports=exports, runs=runs, ratios=ratios,
                   host=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                            onnxruntime=onnxruntime.__version__),
+                            onnxruntime=onnxruntime.__version__,
+                            load_average_1_5_15_before=[round(x, 2) for x in load_before],
+                            load_average_1_5_15_after=[round(x, 2) for x in os.getloadavg()]),
                   note="medians of interleaved repetitions on a shared 2-core machine; compare ratios, not absolutes")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -33,6 +33,7 @@ CASES = {
     ("mqa", "fp32", "int8", None): "8bit",
     ("untied", "int8", "fp32", None): "8bit",
     ("all_conv", "fp32", "fp32", None): "exact",
+    ("lcache4", "fp32", "fp32", None): "exact",  # CausalConvWithState with a 4-wide kernel
 }
 
 
@@ -97,6 +98,15 @@ def test_graph_is_fused_for_ort(artifact):
     assert "GroupQueryAttention" not in ops and ops.count("MultiHeadAttention") == 2
     assert ops.count("CausalConvWithState") == 4 and "Conv" not in ops
     assert ops.count("MatMul") == 31
+
+
+def test_prefill_in_chunks(artifact, checkpoints, reference):
+    """A prompt fed as two chunks (the second with a past) gives the reference logits: GQA's RoPE
+    positions and the conv state carry across calls with more than one token."""
+    ids, ref = PARITY_IDS, reference(checkpoints("tiny"))  # ref[0]: logits at position 31
+    s = load(artifact("tiny", "fp32", "fp32"), n_threads=1)
+    s.prefill(ids[:20])
+    assert_parity(ref[:2], np.stack([s.prefill(ids[20:32]), s.decode(ids[32])]), "exact")
 
 
 def test_kv_cache_bytes_are_real(artifact):
