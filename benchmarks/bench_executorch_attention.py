@@ -1,12 +1,13 @@
-"""ExecuTorch attention A/B: llama:: custom kernels vs plain ATen ops, for the fp32 and the int8 KV cache.
+"""ExecuTorch attention A/B: custom kernels vs plain ATen ops, for the fp32 and the int8 KV cache.
 
     python benchmarks/bench_executorch_attention.py [-t 2] [-r 5]
 
 The exporter's own cache module (export/executorch.py BufferCache) is exported alone with lfm2-350m's
 attention shape (16 query heads, 8 KV heads, head_dim 64), max_seq_len 1024, and lowered with the
 XNNPACK partitioner like the full model: forward(q, k, v, input_pos) stores k, v and returns the
-attention of q. Variants: {fp32, int8} KV x {custom (update_cache + custom_sdpa /
-custom_quantized_sdpa), plain (slice copy_ + dequantized prefix + masked SDPA)}. Timed with
+attention of q. Variants: fp32-custom (update_cache + llama::custom_sdpa), int8-custom (update_cache +
+our edge::int8_sdpa, runtime/kernels/int8_sdpa.cpp), int8-llama (update_cache + ExecuTorch's
+llama::custom_quantized_sdpa), and {fp32, int8}-plain (slice copy_ + dequantized prefix + masked SDPA). Timed with
 executorch.runtime, interleaved: a 128-token prefill at position 0, and 32 single-token decodes after
 512 positions are filled (decode reads a long cache, where the kernels differ most). Attention of one
 layer only, so these are microseconds per call; the full model has 6 such layers.
@@ -89,12 +90,14 @@ def main():
     threads = set_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     methods, export_s = {}, {}
-    for kv in ("fp32", "int8"):
-        for attention in ("custom", "plain"):
-            name = f"{kv}-{attention}"
-            out = WORK / f"{name}.pte"
-            export_s[name] = export(kv, attention, out)
-            methods[name] = _runtime().load_program(out).load_method("forward")
+    from runtime.et_kernels import load_kernels
+    load_kernels()
+    for kv, attention in (("fp32", "custom"), ("fp32", "plain"), ("int8", "custom"), ("int8", "llama"),
+                          ("int8", "plain")):
+        name = f"{kv}-{attention}"
+        out = WORK / f"{name}.pte"
+        export_s[name] = export(kv, attention, out)
+        methods[name] = _runtime().load_program(out).load_method("forward")
     samples = {name: {"prefill": [], "decode": []} for name in methods}
     for _ in range(args.repetitions + 1):  # the first round is the warm-up
         for name, m in methods.items():

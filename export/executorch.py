@@ -5,8 +5,8 @@ sequence state inside the program as mutable buffers, which ExecuTorch memory-pl
 between `execute()` calls of a loaded method:
   - per attention layer K and V in ExecuTorch's llama layout [1, max_seq_len, n_kv_heads, head_dim]
     (grouped, never expanded), written with `llama::update_cache` and read by `llama::custom_sdpa`
-    (fp32) or `llama::custom_quantized_sdpa` (int8: int8 values plus one fp32 scale per
-    (position, kv head), symmetric, so the zero points are a constant zero tensor);
+    (fp32) or our `edge::int8_sdpa` (int8 values plus one fp32 scale per (position, kv head),
+    symmetric; runtime/et_kernels.py says why ExecuTorch's own int8 kernel is not used);
   - per conv layer the last conv_L_cache-1 columns of B*x, [1, hidden, L_cache-1].
 Both custom kernels attend only to positions < start_pos+T, so stale K/V of an earlier sequence are
 never read; the conv state is zeroed inside the graph whenever input_pos is 0. A new sequence therefore
@@ -51,6 +51,9 @@ def load_custom_ops() -> None:
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.kernels import quantized  # noqa: F401
 
+    from runtime.et_kernels import define_ops
+    define_ops()
+
 
 # ---- the cache: mutable buffers -------------------------------------------------------------------
 def quantize_symmetric(x: torch.Tensor):
@@ -65,7 +68,9 @@ class BufferCache(nn.Module):
     def __init__(self, config, max_seq_len: int, kv_cache: str, attention: str = "custom"):
         super().__init__()
         self.config, self.max_seq_len, self.kv_cache = config, max_seq_len, kv_cache
-        self.attention = attention  # "custom": llama:: kernels; "plain": ATen ops (kept for the A/B benchmark)
+        # "custom": llama::custom_sdpa (fp32) / our edge::int8_sdpa (int8); "llama": llama::custom_quantized_sdpa
+        # (int8); "plain": ATen ops. Only "custom" is exported by the CLI; the others are kept for the A/B benchmark.
+        self.attention = attention
         kv_shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
         for i in config.attention_layers:
             dtype = torch.int8 if kv_cache == "int8" else torch.float32
@@ -74,7 +79,7 @@ class BufferCache(nn.Module):
             if kv_cache == "int8":
                 self.register_buffer(f"k_scales_{i}", torch.zeros(kv_shape[:3] + (1,)))
                 self.register_buffer(f"v_scales_{i}", torch.zeros(kv_shape[:3] + (1,)))
-        if kv_cache == "int8":  # a constant, not state: symmetric quantization has zero points 0
+        if kv_cache == "int8" and attention == "llama":  # a constant: symmetric quantization has zero points 0
             self.register_buffer("kv_zero_points", torch.zeros(kv_shape[:3] + (1,), dtype=torch.int8))
         for i in config.conv_layers:
             self.register_buffer(f"conv_{i}", torch.zeros(1, config.hidden_size, config.conv_L_cache - 1))
@@ -92,15 +97,19 @@ class BufferCache(nn.Module):
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0, True)
         else:
             k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
-            (kq, ks), (vq, vs), (qq, qs) = quantize_symmetric(k), quantize_symmetric(v), quantize_symmetric(q)
+            (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
             torch.ops.llama.update_cache(kq, k_cache, start_pos)
             torch.ops.llama.update_cache(ks, k_scales, start_pos)
             torch.ops.llama.update_cache(vq, v_cache, start_pos)
             torch.ops.llama.update_cache(vs, v_scales, start_pos)
-            zp = self.kv_zero_points
-            y = torch.ops.llama.custom_quantized_sdpa(
-                qq, k_cache, v_cache, start_pos, None, 0, True, None,
-                torch.zeros_like(qs, dtype=torch.int8), qs, zp, k_scales, zp, v_scales)
+            if self.attention == "llama":  # ExecuTorch's own int8 kernel, kept for the A/B benchmark
+                qq, qs = quantize_symmetric(q)
+                zp = self.kv_zero_points
+                y = torch.ops.llama.custom_quantized_sdpa(
+                    qq, k_cache, v_cache, start_pos, None, 0, True, None,
+                    torch.zeros_like(qs, dtype=torch.int8), qs, zp, k_scales, zp, v_scales)
+            else:
+                y = torch.ops.edge.int8_sdpa(q, k_cache, v_cache, k_scales, v_scales, start_pos)
         return y.transpose(1, 2)
 
     def _attend_plain(self, layer, q, k, v, start_pos, k_cache, v_cache):
@@ -203,6 +212,7 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
     8da8w: int8 weights with one scale per output channel (XNNPACK runs groups for 4-bit only)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.utils import unwrap_tensor_subclass
 
     grouped = quant == "8da4w" and group_size > 0
     skipped = [name for name, m in model.named_modules()
@@ -217,6 +227,9 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
         weight_dtype=torch.int4 if quant == "8da4w" else torch.int8,
         weight_granularity=PerGroup(group_size) if grouped else PerAxis(0))
     quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped)
+    # plain tensors (parametrizations) instead of torchao's tensor subclass: the same graph, but the
+    # lowering's decompositions no longer trace through the subclass, which halves export time
+    unwrap_tensor_subclass(model)
     return skipped
 
 
@@ -249,8 +262,7 @@ def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_q
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
            group_size: int = DEFAULT_GROUP_SIZE, embedding_quant: str | None = None,
            prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "custom", verbose: bool = False) -> Path:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -277,7 +289,9 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
 
     metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_cache,
                     group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
-                    max_seq_len=max_seq_len, unquantized_linears=skipped)
+                    max_seq_len=max_seq_len, unquantized_linears=skipped,
+                    # our kernels the runtime must load before the forward method (runtime/et_kernels.py)
+                    custom_kernels=["edge::int8_sdpa"] if kv_cache == "int8" and attention == "custom" else [])
     constant_methods = {
         # read by ExecuTorch's LLM runner (extension/llm/runner/constants.h)
         "get_max_seq_len": prefill_chunk,   # the runner's name for the most tokens one forward takes
@@ -292,8 +306,10 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         "edge_metadata": _bytes_tensor(json.dumps(metadata)),
         "edge_tokenizer_json": _bytes_tensor(tok_text),
     }
-    # the dynamically-quantized linears go first to XNNPACK's DQ partitioner, the rest to the full one
-    partitioners = ([XnnpackDynamicallyQuantizedPartitioner()] if quant != "fp32" else []) + [XnnpackPartitioner()]
+    # One XnnpackPartitioner takes the dynamically quantized linears and the fp32 ops alike: a per-linear
+    # DQ partitioner first (export_llama's -X) made 4.5x more delegates, no faster at run time and 2x slower
+    # to lower (README, ExecuTorch section)
+    partitioners = [XnnpackPartitioner()]
     try:
         edge = to_edge_transform_and_lower(
             ep, partitioner=partitioners, constant_methods=constant_methods,

@@ -77,6 +77,9 @@ class ExecuTorchSession(Session):
         try:
             meta = json.loads(_text(self.program.load_method("edge_metadata")))
             tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
+            if meta.get("custom_kernels"):
+                from .et_kernels import load_kernels
+                load_kernels()
             global _pool_in_use
             _pool_in_use = True
             self.forward = self.program.load_method("forward")
