@@ -222,3 +222,12 @@ def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path
         got = method.execute([q, k, v, k_scales, v_scales, torch.tensor([start_pos])])[0]
         want = int8_sdpa_reference(q, k, v, k_scales, v_scales, start_pos)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"T={T} start_pos={start_pos}")
+
+
+def test_kernel_build_failure_is_one_line(tmp_path, monkeypatch):
+    from runtime import et_kernels
+
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails without output
+    with pytest.raises(EdgeError, match="building the int8 KV-cache kernel .* --kv-cache fp32") as e:
+        et_kernels._build(tmp_path / "lib.so", *et_kernels._executorch_dirs())
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())  # nothing half-written left behind

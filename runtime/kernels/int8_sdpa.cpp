@@ -57,15 +57,16 @@ inline void attend_row_float(const float* q, const float* keys, const float* val
 }
 
 // One query row against n cached positions read straight from int8 (decode: each row is read once).
+// Cache position j of this kv head: keys[j * row_stride .. + D), its scale key_scales[j * scale_stride].
 inline void attend_row_int8(const float* q, const int8_t* keys, const float* key_scales, const int8_t* values,
-                            const float* value_scales, int64_t n, int64_t row_stride, int64_t D,
-                            float sm_scale, float* scores, float* out) {
+                            const float* value_scales, int64_t n, int64_t row_stride, int64_t scale_stride,
+                            int64_t D, float sm_scale, float* scores, float* out) {
   float max_score = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
     const int8_t* k = keys + j * row_stride;
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
-    scores[j] = dot * key_scales[j * (row_stride / D)] * sm_scale;
+    scores[j] = dot * key_scales[j * scale_stride] * sm_scale;
     max_score = std::max(max_score, scores[j]);
   }
   float sum = 0.f;
@@ -75,7 +76,7 @@ inline void attend_row_int8(const float* q, const int8_t* keys, const float* key
   }
   std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const float p = scores[j] / sum * value_scales[j * (row_stride / D)];
+    const float p = scores[j] / sum * value_scales[j * scale_stride];
     const int8_t* v = values + j * row_stride;
     for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(v[d]);
   }
@@ -116,7 +117,7 @@ Tensor& int8_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
       std::vector<float> scores(start_pos + T);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / H, h = i % H, g = h / group, n = start_pos + t + 1;
-        attend_row_int8(qd + (t * H + h) * D, kd + g * D, ksd + g, vd + g * D, vsd + g, n, row_stride, D,
+        attend_row_int8(qd + (t * H + h) * D, kd + g * D, ksd + g, vd + g * D, vsd + g, n, row_stride, KV, D,
                         sm_scale, scores.data(), od + (t * H + h) * D);
       }
     });
