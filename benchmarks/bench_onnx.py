@@ -10,7 +10,7 @@
    `python -m onnxruntime_genai.models.builder -i CKPT -o OUT -p int4 -e cpu` (the peer ONNX pipeline).
 3. One warm-up, then `-r` repetitions of pp (one prefill of `-p` random ids from an empty cache) and
    tg (`-n` single-token decodes of random ids from an empty cache), every engine interleaved per
-   repetition (A B C ... A B C ...), `-t` threads each. Medians of tokens/s. onnxruntime-genai is driven
+   repetition (A B C ... C B A ...), `-t` threads each. Medians of tokens/s. onnxruntime-genai is driven
    through its own Generator (append_tokens), llama.cpp through runtime.load (LlamaCppSession), ours
    through runtime.load (OnnxSession). Also reported for ours: the share of a decode step spent
    outside ORT's run (the Python loop + IO binding; target <= 5%).
@@ -49,15 +49,15 @@ def artifacts(model_dir: Path) -> dict[str, list[str]]:
     """name -> (output path, export command)."""
     genai = WORK / "genai-int4"
     return {
-        "ours-int4.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int4.onnx"),
-                           "--quant", "int4", "--kv-cache", "fp32"],
-        "ours-int8.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int8.onnx"),
-                           "--quant", "int8", "--kv-cache", "fp32"],
-        "q4_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q4_0.gguf"), "--quant", "q4_0"],
-        "q8_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q8_0.gguf"), "--quant", "q8_0"],
         "genai-int4": [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
                        str(genai), "-p", "int4", "-e", "cpu", "-c", str(WORK / "genai-cache")],
-    }
+        "ours-int4.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int4.onnx"),
+                           "--quant", "int4", "--kv-cache", "fp32"],
+        "q4_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q4_0.gguf"), "--quant", "q4_0"],
+        "q8_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q8_0.gguf"), "--quant", "q8_0"],
+        "ours-int8.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int8.onnx"),
+                           "--quant", "int8", "--kv-cache", "fp32"],
+    }  # run in this order, reversed every other repetition: compared pairs sit next to each other
 
 
 def time_pp_tg(reset, prefill, decode, prompt, gen):
@@ -163,7 +163,7 @@ def main():
         time_pp_tg(e.reset, e.prefill, e.decode, prompt[:32], gen[:4])
     samples = {name: {"pp": [], "tg": [], "tg_outside_ort": []} for name in engines}
     for rep in range(args.repetitions):
-        for name, e in engines.items():
+        for name, e in (reversed(engines.items()) if rep % 2 else engines.items()):
             session = getattr(e, "session", None)
             engine_ns = getattr(session, "engine_ns", None)
             t_pp, t_tg = time_pp_tg(e.reset, e.prefill, e.decode, prompt, gen)
