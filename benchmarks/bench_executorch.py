@@ -5,7 +5,8 @@
 1. The checkpoint is bench_gguf's (benchmarks/work/gguf/lfm2-350m, `edge init --preset lfm2-350m` with the
    tokenizer trained to the full 65536 tokens on the Python standard library's source); built if missing.
 2. Ours: `edge export executorch --quant 8da4w --kv-cache int8 --embedding-quant int4 --group-size 32
-   --max-seq-len 512 --prefill-chunk 256` in a child process (wall time, peak RSS).
+   --max-seq-len 512 --prefill-chunk 256` in a child process (wall time, peak RSS); the int8 cache is read
+   by our edge::int8_sdpa kernel (runtime/kernels/int8_sdpa.cpp).
 3. Theirs: the same weights through `executorch.examples.models.lfm2.convert_weights`, then
    `python -m executorch.examples.models.llama.export_llama --model lfm2_350m -qmode 8da4w -G 32 -kv
    --use_sdpa_with_kv_cache -X --xnnpack-extended-ops --max_seq_length 512 --max_context_length 512`
@@ -150,7 +151,8 @@ def main():
         for test in ("pp", "tg"):
             for name, b in benches.items():  # interleaved: ours, theirs, ours, theirs ...
                 b.run(test)
-    result = {"cpu": cpu_label(), "threads": ours.n_threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+    result = {"cpu": cpu_label(), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+              "threads": ours.n_threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "repetitions": args.repetitions, "checkpoint": str(model_dir.relative_to(ROOT)),
               "ours_export_flags": OUR_FLAGS, "their_export_flags": THEIR_FLAGS, "exports": exports}
     for name, b in benches.items():
