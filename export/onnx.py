@@ -13,9 +13,12 @@ onnxruntime-genai's LFM2 builder and transformers.js use, so their loops can dri
     present_conv.{i}                  float32 [1, hidden, conv_L_cache - 1]
 
 `i` is the real layer index. K/V are grouped (n_kv_heads, never expanded) and stored in the artifact's
-KV format: float32, float16, or int8 with a float32 scale per (position, kv head) in the extra tensors
-`past_key_values.{i}.key_scale` / `.value_scale` -> `present.{i}.key_scale` / `.value_scale`
-[1, n_kv_heads, seq, 1] (symmetric: value = int8 * scale). Positions come from the past length, so
+KV format: float32, float16, or int8. int8 is ONNX Runtime's native GroupQueryAttention int8 cache
+(DESIGN §3's "native format, documented"): symmetric, value = int8 * scale with one float32 scale per
+(kv head, channel) per layer, calibrated at export on a short text (`calibrate_kv_scales`) and stored as
+constants in the graph, so the state I/O is the same K/V tensors as fp32, in int8; K is cached after
+RoPE, as in fp32. Measured against per-(position, kv head) scales applied with plain ops, it is as
+faithful on the §5 protocol and 3-4x faster at long context (README). Positions come from the past length, so
 there is no position input; a fresh sequence starts from empty (length-0) K/V and zero conv states.
 The conv state keeps the newest conv_L_cache-1 columns of B*x (DESIGN.md §3), as the onnxruntime-genai
 builder's `past.{i}.conv` does. Everything `runtime.load` needs (config, tokenizer,
@@ -52,11 +55,10 @@ KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 def state_names(config: HybridConfig, kv_cache: str) -> list[str]:
     """Names of the past-state inputs, in graph order (present names: see `present_name`)."""
-    kinds = ("key", "value", "key_scale", "value_scale") if kv_cache == "int8" else ("key", "value")
     names = []
     for i in range(config.num_hidden_layers):
         if i in config.attention_layers:
-            names += [f"past_key_values.{i}.{kind}" for kind in kinds]
+            names += [f"past_key_values.{i}.{kind}" for kind in ("key", "value")]
         else:
             names.append(f"past_conv.{i}")
     return names
@@ -68,18 +70,10 @@ def empty_state(config: HybridConfig, kv_cache: str, past_len: int = 0) -> dict[
     for name in state_names(config, kv_cache):
         if name.startswith("past_conv."):
             state[name] = torch.zeros(1, config.hidden_size, config.conv_L_cache - 1)
-        elif name.endswith("_scale"):
-            state[name] = torch.ones(1, config.num_key_value_heads, past_len, 1)
         else:
             shape = (1, config.num_key_value_heads, past_len, config.head_dim)
             state[name] = torch.zeros(shape, dtype=KV_DTYPES[kv_cache])
     return state
-
-
-def quantize_int8(x: torch.Tensor):
-    """Symmetric int8 over the last dim: one float32 scale per (kv head, position) (DESIGN.md §3)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 class ExplicitCache:
@@ -92,13 +86,6 @@ class ExplicitCache:
     def _append(self, layer: int, kind: str, new: torch.Tensor) -> torch.Tensor:
         """Store `new` after the past K or V of `layer`; return everything stored, as float32."""
         name = f"past_key_values.{layer}.{kind}"
-        if self.kv_cache == "int8":
-            q, scale = quantize_int8(new)
-            stored = torch.cat([self.past[name], q], dim=2)
-            scales = torch.cat([self.past[name + "_scale"], scale], dim=2)
-            self.present[present_name(name)] = stored
-            self.present[present_name(name + "_scale")] = scales
-            return stored.float() * scales
         stored = torch.cat([self.past[name], new.to(KV_DTYPES[self.kv_cache])], dim=2)
         self.present[present_name(name)] = stored
         return stored.float()
@@ -145,12 +132,16 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     config = model.config
     tokenizer_text = tokenizer_json(model_dir)
     with quiet():
-        graph = trace(model, kv_cache, max_seq_len)
+        scales = calibrate_kv_scales(model, tokenizer_text) if kv_cache == "int8" and config.attention_layers else None
+        # the int8 graph is the fp32 one whose GroupQueryAttention nodes then store int8 (quantize_kv_cache)
+        graph = trace(model, "fp32" if kv_cache == "int8" else kv_cache, max_seq_len)
+        if scales is not None:
+            graph = quantize_kv_cache(graph, config, scales)
         graph = quantize_weights(graph, quant, group_size, config)
     metadata = {"config": json.dumps(config.to_dict()), "tokenizer": tokenizer_text, "quant": quant,
                 "kv_cache": kv_cache, "max_seq_len": str(max_seq_len),
                 "group_size": str(group_size if quant == "int4" else 0),
-                "io": "see export/onnx.py: input_ids, past_key_values.{i}.key/value(+_scale), past_conv.{i} -> "
+                "io": "see export/onnx.py: input_ids, past_key_values.{i}.key/value, past_conv.{i} -> "
                       "logits [1,1,vocab], present.{i}.*, present_conv.{i}"}
     del graph.metadata_props[:]
     for key, value in metadata.items():
@@ -204,6 +195,64 @@ def trace(model, kv_cache: str, max_seq_len: int):
     missing = [present_name(n) for n in names if present_name(n) not in outputs]
     if missing or "logits" not in outputs:
         raise EdgeError(f"the exported ONNX graph lacks state outputs {missing[:3]}; the cache was not exported")
+    return graph
+
+
+CALIBRATION_TOKENS = 512
+
+
+@torch.no_grad()
+def calibrate_kv_scales(model, tokenizer_text: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per attention layer, the int8 scales of K and V, each [n_kv_heads, head_dim]: the largest |value|
+    of that channel over a forward pass on CALIBRATION_TOKENS tokens of the default corpus (the Python
+    standard library's source), / 127. K is seen after RoPE, which rotates channel pairs (d, d + D/2),
+    so a K pair shares the larger of its two maxima: a rotation never carries a value past its scale."""
+    from edge.model import DynamicCache
+    from edge.tokenizer import default_corpus, load_tokenizer
+
+    ids = load_tokenizer(tokenizer_text).encode(default_corpus()[:20 * CALIBRATION_TOKENS]).ids[:CALIBRATION_TOKENS]
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    class Recording(DynamicCache):
+        def attend(self, layer, q, k, v, input_pos):  # k, v: [1, n_kv_heads, T, head_dim]
+            seen[layer] = (k.abs().amax(dim=(0, 2)), v.abs().amax(dim=(0, 2)))
+            return super().attend(layer, q, k, v, input_pos)
+
+    model(torch.tensor([ids]), 0, Recording(model.config))
+    scales = {}
+    for layer, (k_max, v_max) in seen.items():
+        half = k_max.shape[-1] // 2
+        k_max = torch.maximum(k_max[:, :half], k_max[:, half:]).repeat(1, 2)
+        scales[layer] = tuple((m.clamp(min=1e-6) / 127.0).numpy().astype(np.float32) for m in (k_max, v_max))
+    return scales
+
+
+def quantize_kv_cache(graph, config: HybridConfig, scales: dict[int, tuple[np.ndarray, np.ndarray]]):
+    """Make every GroupQueryAttention store its cache in int8 (ORT's native quantized KV cache, CPU
+    kernel in ORT >= 1.32): past/present K/V become int8 tensors, each GQA gets the layer's calibrated
+    per-(kv head, channel) scales as constant inputs 12/13 (k_scale, v_scale, shape [1, KV, 1, D])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    gqa = {n.name: n for n in graph.graph.node if n.op_type == "GroupQueryAttention"}
+    if len(gqa) != len(config.attention_layers):
+        raise EdgeError("the int8 KV cache needs GroupQueryAttention in every attention layer, which the "
+                        "graph lacks; export with --kv-cache fp32 or fp16")
+    KV, D = config.num_key_value_heads, config.head_dim
+    for layer in config.attention_layers:
+        node = gqa[f"gqa_{layer}"]
+        names = []
+        for kind, scale in zip(("k", "v"), scales[layer]):
+            names.append(f"kv_scale.{layer}.{kind}")
+            graph.graph.initializer.append(numpy_helper.from_array(scale.reshape(1, KV, 1, D), names[-1]))
+        node.input.extend([""] * (12 - len(node.input)) + names)
+        node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("kv_cache_bit_width", 8)])
+    state = {f"{io}.{layer}.{kind}" for layer in config.attention_layers for kind in ("key", "value")
+             for io in ("past_key_values", "present")}
+    for value in [*graph.graph.input, *graph.graph.output]:
+        if value.name in state:
+            value.type.tensor_type.elem_type = TensorProto.INT8
     return graph
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import PARITY_IDS
 from edge.errors import EdgeError
 from export import export_model
-from export.onnx import state_names, weight_matmuls
+from export.onnx import weight_matmuls
 from parity import assert_parity, session_logits
 from runtime import load
 
@@ -95,7 +95,11 @@ def test_graph_is_fused_for_ort(artifact):
     assert ops.count("CausalConvWithState") == 4 and ops.count("MatMul") == 31
     graph = onnx.load(str(artifact("tiny", "fp32", "int8"))).graph
     ops = [n.op_type for n in graph.node]
-    assert "GroupQueryAttention" not in ops and ops.count("MultiHeadAttention") == 2
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]  # ORT's native int8 cache
+    assert len(gqa) == 2 and "MultiHeadAttention" not in ops
+    assert all({a.name: a for a in n.attribute}["kv_cache_bit_width"].i == 8 for n in gqa)
+    int8 = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.INT8}
+    assert int8 == {f"past_key_values.{i}.{kind}" for i in (2, 5) for kind in ("key", "value")}
     assert ops.count("CausalConvWithState") == 4 and "Conv" not in ops
     assert ops.count("MatMul") == 31
 
@@ -111,7 +115,7 @@ def test_prefill_in_chunks(artifact, checkpoints, reference):
 
 def test_kv_cache_bytes_are_real(artifact):
     n_kv, head_dim, layers = 2, 32, 2  # tiny: 2 kv heads, attention at 2 and 5
-    per_position = {"fp32": n_kv * head_dim * 4, "fp16": n_kv * head_dim * 2, "int8": n_kv * (head_dim + 4)}
+    per_position = {"fp32": n_kv * head_dim * 4, "fp16": n_kv * head_dim * 2, "int8": n_kv * head_dim}
     for kv in per_position:
         s = load(artifact("tiny", "fp32", kv), n_threads=1)
         assert s.kv_cache_bytes() == 0
@@ -157,7 +161,7 @@ def test_cli_export_int4_int8_cache(checkpoints, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     s = load(out, n_threads=1)
     assert (s.quant, s.kv_cache) == ("int4", "int8")
-    assert any(n.endswith(".key_scale") for n in state_names(s.config, "int8"))
+    assert s.inputs["past_key_values.2.key"].type == "tensor(int8)"
     ids, ref = PARITY_IDS, reference(checkpoints("trained:tiny"))
     assert_parity(ref, session_logits(s, ids), "4bit")
     assert not list(tmp_path.glob("*.partial"))
