@@ -97,18 +97,20 @@ class BufferCache(nn.Module):
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0, True)
         else:
             k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
-            (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
-            torch.ops.llama.update_cache(kq, k_cache, start_pos)
-            torch.ops.llama.update_cache(ks, k_scales, start_pos)
-            torch.ops.llama.update_cache(vq, v_cache, start_pos)
-            torch.ops.llama.update_cache(vs, v_scales, start_pos)
             if self.attention == "llama":  # ExecuTorch's own int8 kernel, kept for the A/B benchmark
+                (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
+                torch.ops.llama.update_cache(kq, k_cache, start_pos)
+                torch.ops.llama.update_cache(ks, k_scales, start_pos)
+                torch.ops.llama.update_cache(vq, v_cache, start_pos)
+                torch.ops.llama.update_cache(vs, v_scales, start_pos)
                 qq, qs = quantize_symmetric(q)
                 zp = self.kv_zero_points
                 y = torch.ops.llama.custom_quantized_sdpa(
                     qq, k_cache, v_cache, start_pos, None, 0, True, None,
                     torch.zeros_like(qs, dtype=torch.int8), qs, zp, k_scales, zp, v_scales)
-            else:
+            else:  # ours: quantize + store in one op per tensor, then attend over the int8 cache
+                torch.ops.edge.int8_update_cache(k, k_cache, k_scales, start_pos)
+                torch.ops.edge.int8_update_cache(v, v_cache, v_scales, start_pos)
                 y = torch.ops.edge.int8_sdpa(q, k_cache, v_cache, k_scales, v_scales, start_pos)
         return y.transpose(1, 2)
 
@@ -291,7 +293,8 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
                     group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
                     max_seq_len=max_seq_len, unquantized_linears=skipped,
                     # our kernels the runtime must load before the forward method (runtime/et_kernels.py)
-                    custom_kernels=["edge::int8_sdpa"] if kv_cache == "int8" and attention == "custom" else [])
+                    custom_kernels=["edge::int8_sdpa", "edge::int8_update_cache"]
+                    if kv_cache == "int8" and attention == "custom" else [])
     constant_methods = {
         # read by ExecuTorch's LLM runner (extension/llm/runner/constants.h)
         "get_max_seq_len": prefill_chunk,   # the runner's name for the most tokens one forward takes

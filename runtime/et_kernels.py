@@ -1,4 +1,5 @@
-"""Our ExecuTorch custom op `edge::int8_sdpa`: causal GQA attention that reads the int8 KV cache directly.
+"""Our ExecuTorch custom ops: `edge::int8_sdpa`, causal GQA attention that reads the int8 KV cache
+directly, and `edge::int8_update_cache`, which quantizes new K/V rows into it.
 
 Why not ExecuTorch's `llama::custom_quantized_sdpa`: its Q·K runs torchao's int8 matmul, which has NEON
 code only; on x86 it is a scalar fallback, ~15x slower than fp32 `custom_sdpa` in prefill (README).
@@ -42,8 +43,16 @@ def int8_sdpa_reference(q, k_cache, v_cache, k_scales, v_scales, start_pos: int)
     return y.transpose(1, 2).contiguous()
 
 
+def int8_update_cache_reference(value, cache, scales, start_pos: int) -> None:
+    """What the cache writer does, in torch: value [1,T,KV,D] float -> cache int8 / scales at start_pos.."""
+    scale = value.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    end = start_pos + value.shape[1]
+    cache[:, start_pos:end].copy_(torch.round(value / scale).clamp(-127, 127).to(torch.int8))
+    scales[:, start_pos:end].copy_(scale)
+
+
 def define_ops() -> None:
-    """Register edge::int8_sdpa and edge::int8_sdpa.out with torch (idempotent)."""
+    """Register edge::int8_sdpa and edge::int8_update_cache (functional + .out) with torch (idempotent)."""
     if hasattr(torch.ops.edge, "int8_sdpa"):
         return
     lib = torch.library.Library("edge", "DEF")
@@ -61,6 +70,24 @@ def define_ops() -> None:
     lib.impl("int8_sdpa.out", out_variant, "CompositeExplicitAutograd")
     lib.impl("int8_sdpa", lambda q, *rest: torch.empty_like(q), "Meta")
     lib.impl("int8_sdpa.out", lambda q, *rest, out: out, "Meta")
+
+    # the cache writer: mutates cache and scales in place (as llama::update_cache does), returns a dummy [1]
+    args = "Tensor value, Tensor(a!) cache, Tensor(b!) scales, SymInt start_pos"
+    lib.define(f"int8_update_cache({args}) -> Tensor")
+    lib.define(f"int8_update_cache.out({args}, *, Tensor(c!) out) -> Tensor(c!)")
+
+    def update(value, cache, scales, start_pos):
+        int8_update_cache_reference(value, cache, scales, start_pos)
+        return value.new_zeros(1)
+
+    def update_out(value, cache, scales, start_pos, *, out):
+        int8_update_cache_reference(value, cache, scales, start_pos)
+        return out
+
+    lib.impl("int8_update_cache", update, "CompositeExplicitAutograd")
+    lib.impl("int8_update_cache.out", update_out, "CompositeExplicitAutograd")
+    lib.impl("int8_update_cache", lambda value, *rest: value.new_empty(1), "Meta")
+    lib.impl("int8_update_cache.out", lambda *args, out: out, "Meta")
     define_ops.library = lib  # a Library unregisters its ops when collected
 
 
@@ -92,7 +119,11 @@ def _build(library: Path, et_dir: Path, portable_lib: Path) -> None:
         raise EdgeError("this .pte uses the int8 KV-cache kernel edge::int8_sdpa, which is compiled on first use "
                         "and needs a C++ compiler (g++ or clang++; or set CXX); or export with --kv-cache fp32")
     torch_include = Path(torch.__file__).parent / "include"  # only for torch/headeronly/macros/cmake_macros.h
-    library.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeError(f"cannot create the kernel cache {library.parent} ({e.strerror}); set XDG_CACHE_HOME "
+                        "to a writable directory") from None
     tmp = library.with_suffix(f".{os.getpid()}.tmp")
     cmd = [compiler, "-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC",
            "-DET_USE_THREADPOOL", f"-I{et_dir / 'include'}",

@@ -231,3 +231,46 @@ def test_kernel_build_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(EdgeError, match="building the int8 KV-cache kernel .* --kv-cache fp32") as e:
         et_kernels._build(tmp_path / "lib.so", *et_kernels._executorch_dirs())
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+class Int8CacheWriter(torch.nn.Module):
+    """edge::int8_update_cache alone over a cache held in buffers, returning copies of both buffers."""
+
+    def __init__(self, S=16, kv_heads=2, head_dim=20):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(1, S, kv_heads, head_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(1, S, kv_heads, 1))
+
+    def forward(self, value, input_pos):
+        start_pos = input_pos[0].item()
+        torch._check_is_size(start_pos)
+        torch._check(start_pos + value.shape[1] <= self.cache.shape[1])
+        torch.ops.edge.int8_update_cache(value, self.cache, self.scales, start_pos)
+        return self.cache.clone(), self.scales.clone()
+
+
+def test_int8_cache_writer_kernel_matches_torch(tmp_path):
+    """Our cache writer in the ExecuTorch runtime == its torch reference: scales to float precision, int8
+    values equal up to a rounding tie (the kernel is built with -ffast-math), rows written only where asked."""
+    from executorch.exir import to_edge
+
+    from export.executorch import load_custom_ops
+    from runtime.et_kernels import int8_update_cache_reference, load_kernels
+    from runtime.executorch import _runtime
+
+    load_custom_ops()
+    load_kernels()
+    tokens = torch.export.Dim("tokens", min=1, max=16)
+    ep = torch.export.export(Int8CacheWriter(), (torch.randn(1, 3, 2, 20), torch.tensor([0])), strict=False,
+                             dynamic_shapes=({1: tokens}, None))
+    out = tmp_path / "writer.pte"
+    out.write_bytes(to_edge(ep).to_executorch().buffer)
+    method = _runtime().load_program(out).load_method("forward")
+    want = Int8CacheWriter()
+    for T, start_pos in [(5, 0), (1, 5), (3, 9)]:
+        value = torch.randn(1, T, 2, 20) * 3
+        cache, scales = method.execute([value, torch.tensor([start_pos])])
+        int8_update_cache_reference(value, want.cache, want.scales, start_pos)
+        torch.testing.assert_close(scales, want.scales, rtol=1e-6, atol=0)
+        assert (cache.int() - want.cache.int()).abs().max() <= 1
+    assert not cache[:, 12:].any() and not scales[:, 12:].any()  # positions never written stay zero

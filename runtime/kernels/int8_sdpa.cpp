@@ -1,4 +1,5 @@
-// edge::int8_sdpa.out — causal grouped-query attention over an int8 KV cache, for ExecuTorch.
+// edge::int8_sdpa.out — causal grouped-query attention over an int8 KV cache, for ExecuTorch
+// (and edge::int8_update_cache.out, which writes that cache; at the end of this file).
 //
 // Why our own kernel: ExecuTorch's llama::custom_quantized_sdpa computes Q·K with torchao's int8 matmul,
 // which has NEON code only; on x86 it runs a scalar fallback, 5x slower than the fp32 custom_sdpa in
@@ -153,6 +154,40 @@ Tensor& int8_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
   return out;
 }
 
+// edge::int8_update_cache.out — quantize the new K or V rows and store them in the int8 cache in place:
+// one op instead of ~8 portable ones (abs, amax, div, round, clamp, casts, two update_cache) per tensor.
+//   value  float [1, T, KV, D] at positions start_pos .. start_pos+T-1
+//   cache  int8  [1, S, KV, D]  <- round(value / scale), clamped to +-127
+//   scales float [1, S, KV, 1]  <- max|value| over D / 127 (symmetric; at least 1e-10 / 127)
+Tensor& int8_update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor& cache, Tensor& scales,
+                              int64_t start_pos, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, value.dim() == 4 && cache.dim() == 4 && scales.dim() == 4, InvalidArgument, out,
+                      "int8_update_cache: value, cache and scales must be 4-D");
+  ET_KERNEL_CHECK_MSG(ctx, value.scalar_type() == executorch::aten::ScalarType::Float &&
+                      cache.scalar_type() == executorch::aten::ScalarType::Char &&
+                      scales.scalar_type() == executorch::aten::ScalarType::Float,
+                      InvalidArgument, out, "int8_update_cache: value/scales must be float32 and the cache int8");
+  const int64_t T = value.size(1), KV = value.size(2), D = value.size(3), S = cache.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, cache.size(2) == KV && cache.size(3) == D && scales.size(1) == S &&
+                      start_pos >= 0 && start_pos + T <= S, InvalidArgument, out,
+                      "int8_update_cache: shape mismatch or start_pos + seq_len exceeds the cache length");
+  const float* in = value.const_data_ptr<float>();
+  int8_t* qd = cache.mutable_data_ptr<int8_t>() + start_pos * KV * D;
+  float* sd = scales.mutable_data_ptr<float>() + start_pos * KV;
+  for (int64_t row = 0; row < T * KV; ++row) {  // one row = one (position, kv head)
+    const float* x = in + row * D;
+    float absmax = 0.f;
+    for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(x[d]));
+    const float scale = std::max(absmax, 1e-10f) / 127.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      qd[row * D + d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[d] / scale))));
+    }
+    sd[row] = scale;
+  }
+  return out;
+}
+
 }  // namespace edge_kernels
 
 EXECUTORCH_LIBRARY(edge, "int8_sdpa.out", edge_kernels::int8_sdpa_out);
+EXECUTORCH_LIBRARY(edge, "int8_update_cache.out", edge_kernels::int8_update_cache_out);
