@@ -4,9 +4,10 @@ The reference `HybridLM` is exported unchanged; only its cache object differs. `
 sequence state inside the program as mutable buffers, which ExecuTorch memory-plans once and keeps
 between `execute()` calls of a loaded method:
   - per attention layer K and V in ExecuTorch's llama layout [1, max_seq_len, n_kv_heads, head_dim]
-    (grouped, never expanded), written with `llama::update_cache` and read by `llama::custom_sdpa`
-    (fp32) or our `edge::int8_sdpa` (int8 values plus one fp32 scale per (position, kv head),
-    symmetric; runtime/et_kernels.py says why ExecuTorch's own int8 kernel is not used);
+    (grouped, never expanded): fp32 written with `llama::update_cache` and read by `llama::custom_sdpa`;
+    int8 (int8 values plus one fp32 scale per (position, kv head), symmetric) written by our
+    `edge::int8_update_cache` and read by our `edge::int8_sdpa` (runtime/et_kernels.py says why
+    ExecuTorch's own int8 kernel is not used);
   - per conv layer the last conv_L_cache-1 columns of B*x, [1, hidden, L_cache-1].
 Both custom kernels attend only to positions < start_pos+T, so stale K/V of an earlier sequence are
 never read; the conv state is zeroed inside the graph whenever input_pos is 0. A new sequence therefore

@@ -9,8 +9,9 @@ Two halves, one op schema:
     with torch.library, with a reference implementation in torch: what torch.export traces at export time
     and what the tests compare the kernel against;
   - `load_kernels()` compiles runtime/kernels/int8_sdpa.cpp against the headers of the installed
-    executorch wheel (once per source/executorch version/machine, cached) and loads it into this process,
-    where it registers the `edge::int8_sdpa.out` kernel with the ExecuTorch runtime. Call it before
+    executorch wheel (once per source/executorch build/CPU, cached) and loads it into this process, where
+    it registers the `edge::int8_sdpa.out` and `edge::int8_update_cache.out` kernels with the ExecuTorch
+    runtime. Call it before
     loading a .pte that uses the op. It is built with -march=native: the kernel is compiled on the device
     that runs it, as a C++ ExecuTorch runner on a phone would compile the same file into its app.
 """
@@ -105,12 +106,26 @@ def load_kernels() -> None:
         return
     et_dir, portable_lib = _executorch_dirs()  # importing _portable_lib first: the kernel links against it
     source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + str(portable_lib.stat().st_mtime_ns).encode() + os.uname().machine.encode())
+    # -march=native: a library built on one CPU may not run on another sharing this cache (e.g. an NFS home)
+    key = hashlib.sha256(source + str(portable_lib.stat().st_mtime_ns).encode() + _cpu_identity())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid-edge" / "kernels"
     library = cache / f"libedge_kernels-{key.hexdigest()[:16]}.so"
     if not library.exists():
         _build(library, et_dir, portable_lib)
-    _loaded = ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+    try:
+        _loaded = ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+    except OSError as e:
+        raise EdgeError(f"cannot load the kernel library {library} ({str(e).splitlines()[0]}); delete it to "
+                        "rebuild it on the next load") from None
+
+
+def _cpu_identity() -> bytes:
+    """The CPU's model and feature flags (what -march=native compiles for); the architecture elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))})).encode()
+    except OSError:
+        return os.uname().machine.encode()
 
 
 def _build(library: Path, et_dir: Path, portable_lib: Path) -> None:
