@@ -36,6 +36,7 @@ from edge.errors import EdgeError
 from edge.model import RMSNorm, causal_mask, grouped_attention
 from edge.files import atomic_path
 from edge.tokenizer import tokenizer_json
+from runtime.et_kernels import define_ops, quantize_symmetric
 
 QUANTS = ("fp32", "8da8w", "8da4w")
 KV_CACHES = ("fp32", "int8")
@@ -52,17 +53,10 @@ def load_custom_ops() -> None:
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.kernels import quantized  # noqa: F401
 
-    from runtime.et_kernels import define_ops
     define_ops()
 
 
 # ---- the cache: mutable buffers -------------------------------------------------------------------
-def quantize_symmetric(x: torch.Tensor):
-    """int8 values and one fp32 scale per vector over the last dim (symmetric: zero point 0)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
-
-
 class BufferCache(nn.Module):
     """HybridLM's cache interface (see edge/model.py) over buffers that live inside the .pte."""
 

@@ -296,6 +296,16 @@ def plain_rms_norms(graph):
     return graph
 
 
+def node_index(nodes) -> tuple[dict, dict]:
+    """tensor name -> the node producing it, and -> the nodes reading it (the pattern matchers' two maps)."""
+    producer = {o: n for n in nodes for o in n.output}
+    consumers = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def fuse_causal_conv(graph, config: HybridConfig):
     """Replace each conv layer's Concat(past_conv, B*x) + depthwise Conv (+ Slice of the new state, + Slice
     of the output) by one com.microsoft CausalConvWithState, ORT's fused kernel for stateful short convs
@@ -305,11 +315,7 @@ def fuse_causal_conv(graph, config: HybridConfig):
     from onnx import helper
 
     nodes = list(graph.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = node_index(nodes)
     replace, drop = {}, set()
     for layer in config.conv_layers:
         past = f"past_conv.{layer}"
@@ -399,11 +405,7 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = node_index(nodes)
     inits = {i.name: i for i in graph.graph.initializer}
     mha = [n for n in nodes if n.op_type == "MultiHeadAttention"]
     layers = config.attention_layers

@@ -44,11 +44,17 @@ def int8_sdpa_reference(q, k_cache, v_cache, k_scales, v_scales, start_pos: int)
     return y.transpose(1, 2).contiguous()
 
 
+def quantize_symmetric(x: torch.Tensor):
+    """int8 values and one fp32 scale per vector over the last dim (symmetric: zero point 0)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 def int8_update_cache_reference(value, cache, scales, start_pos: int) -> None:
     """What the cache writer does, in torch: value [1,T,KV,D] float -> cache int8 / scales at start_pos.."""
-    scale = value.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
     end = start_pos + value.shape[1]
-    cache[:, start_pos:end].copy_(torch.round(value / scale).clamp(-127, 127).to(torch.int8))
+    quantized, scale = quantize_symmetric(value)
+    cache[:, start_pos:end].copy_(quantized)
     scales[:, start_pos:end].copy_(scale)
 
 

@@ -200,8 +200,8 @@ def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path
     (T <= 4, int8 read in place) and the prefill path (T > 4, dequantized blocks of 16 queries)."""
     from executorch.exir import to_edge
 
-    from export.executorch import load_custom_ops, quantize_symmetric
-    from runtime.et_kernels import int8_sdpa_reference, load_kernels
+    from export.executorch import load_custom_ops
+    from runtime.et_kernels import int8_sdpa_reference, load_kernels, quantize_symmetric
     from runtime.executorch import _runtime
 
     load_custom_ops()

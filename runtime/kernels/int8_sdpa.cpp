@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace edge_kernels {
@@ -33,41 +34,20 @@ namespace {
 
 constexpr int64_t kQueryBlock = 16;  // queries per prefill task: enough tasks for the threads, small scratch
 
-// One query row against n cached positions, K/V given as float rows (prefill, after dequantizing).
-inline void attend_row_float(const float* q, const float* keys, const float* values, int64_t n, int64_t D,
-                             float sm_scale, float* scores, float* out) {
+// One query row against n cached positions of one kv head: position j's key is keys[j * row_stride .. + D),
+// likewise its value. int8 rows (decode: the cache read in place, each row once) are scaled by
+// key_scales / value_scales[j * scale_stride]; float rows (prefill) arrive already dequantized.
+template <typename T>
+inline void attend_row(const float* q, const T* keys, const T* values, const float* key_scales,
+                       const float* value_scales, int64_t n, int64_t row_stride, int64_t scale_stride, int64_t D,
+                       float sm_scale, float* scores, float* out) {
+  constexpr bool kScaled = std::is_same<T, int8_t>::value;
   float max_score = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
-    const float* k = keys + j * D;
-    float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-    scores[j] = dot * sm_scale;
-    max_score = std::max(max_score, scores[j]);
-  }
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - max_score);
-    sum += scores[j];
-  }
-  std::fill(out, out + D, 0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = scores[j] / sum;
-    const float* v = values + j * D;
-    for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
-  }
-}
-
-// One query row against n cached positions read straight from int8 (decode: each row is read once).
-// Cache position j of this kv head: keys[j * row_stride .. + D), its scale key_scales[j * scale_stride].
-inline void attend_row_int8(const float* q, const int8_t* keys, const float* key_scales, const int8_t* values,
-                            const float* value_scales, int64_t n, int64_t row_stride, int64_t scale_stride,
-                            int64_t D, float sm_scale, float* scores, float* out) {
-  float max_score = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    const int8_t* k = keys + j * row_stride;
+    const T* k = keys + j * row_stride;
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
-    scores[j] = dot * key_scales[j * scale_stride] * sm_scale;
+    scores[j] = dot * (kScaled ? key_scales[j * scale_stride] : 1.f) * sm_scale;
     max_score = std::max(max_score, scores[j]);
   }
   float sum = 0.f;
@@ -77,8 +57,8 @@ inline void attend_row_int8(const float* q, const int8_t* keys, const float* key
   }
   std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const float p = scores[j] / sum * value_scales[j * scale_stride];
-    const int8_t* v = values + j * row_stride;
+    const float p = scores[j] / sum * (kScaled ? value_scales[j * scale_stride] : 1.f);
+    const T* v = values + j * row_stride;
     for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(v[d]);
   }
 }
@@ -118,8 +98,8 @@ Tensor& int8_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
       std::vector<float> scores(start_pos + T);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / H, h = i % H, g = h / group, n = start_pos + t + 1;
-        attend_row_int8(qd + (t * H + h) * D, kd + g * D, ksd + g, vd + g * D, vsd + g, n, row_stride, KV, D,
-                        sm_scale, scores.data(), od + (t * H + h) * D);
+        attend_row(qd + (t * H + h) * D, kd + g * D, vd + g * D, ksd + g, vsd + g, n, row_stride, KV, D, sm_scale,
+                   scores.data(), od + (t * H + h) * D);
       }
     });
     return out;
@@ -145,8 +125,8 @@ Tensor& int8_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
       }
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          attend_row_float(qd + (t * H + h) * D, keys.data(), values.data(), start_pos + t + 1, D, sm_scale,
-                           scores.data(), od + (t * H + h) * D);
+          attend_row<float>(qd + (t * H + h) * D, keys.data(), values.data(), nullptr, nullptr, start_pos + t + 1,
+                            D, 0, D, sm_scale, scores.data(), od + (t * H + h) * D);
         }
       }
     }
