@@ -30,10 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_gguf import add_protocol_options  # noqa: E402
 from edge.config import HybridConfig  # noqa: E402
 from runtime.bench import _SessionBench, cpu_label  # noqa: E402
 from runtime.session import Session  # noqa: E402
@@ -116,16 +118,12 @@ class StockPteSession(Session):
         pass  # its attention reads positions < start_pos + T only; its conv state is not cleared (timing only)
 
     def kv_cache_bytes(self):
-        c = self.config
-        return self.n_past * len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 4
+        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 4
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("-p", "--n-prompt", type=int, default=256)
-    p.add_argument("-n", "--n-gen", type=int, default=64)
-    p.add_argument("-r", "--repetitions", type=int, default=5)
+    add_protocol_options(p)
     p.add_argument("--skip-export", action="store_true", help="reuse the .pte files already under work/")
     args = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,14 @@ def run_child(cmd: list[str]) -> dict:
     return dict(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
 
 
+def add_protocol_options(p) -> None:
+    """The issues' side-by-side protocol (2 threads, pp256, tg64, 5 repetitions) as overridable options."""
+    p.add_argument("-t", "--threads", type=int, default=2, help="threads per engine (default 2)")
+    p.add_argument("-p", "--n-prompt", type=int, default=256, help="prefill tokens (default 256)")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="decode tokens (default 64)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions per test (default 5)")
+
+
 def checkpoint() -> Path:
     model_dir = WORK / "lfm2-350m"
     if (model_dir / "tokenizer.json").exists() and (model_dir / "model.safetensors").exists():

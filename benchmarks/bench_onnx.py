@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from bench_gguf import checkpoint, run_child  # noqa: E402  (the one builder of the 65536-token checkpoint)
+from bench_gguf import add_protocol_options, checkpoint, run_child  # noqa: E402  (the one builder of the 65536-token checkpoint)
 from runtime import load  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work" / "onnx"
@@ -127,10 +127,7 @@ class Genai:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-t", "--threads", type=int, default=2, help="threads per engine (default 2)")
-    ap.add_argument("-p", "--n-prompt", type=int, default=256, help="prefill tokens (default 256)")
-    ap.add_argument("-n", "--n-gen", type=int, default=64, help="decode tokens (default 64)")
-    ap.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions per test (default 5)")
+    add_protocol_options(ap)
     ap.add_argument("--only", nargs="+", help="benchmark only these artifacts (names as in the table)")
     ap.add_argument("--skip-export", action="store_true", help="reuse artifacts already under benchmarks/work/onnx")
     ap.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from bench_gguf import checkpoint, run_child  # noqa: E402  (the one builder of the 65536-token checkpoint)
+from bench_gguf import add_protocol_options, checkpoint, run_child  # noqa: E402  (the one builder of the 65536-token checkpoint)
 from edge.files import write_json  # noqa: E402
 from runtime import load  # noqa: E402
 from runtime.bench import bench_interleaved, cpu_info, format_table  # noqa: E402
@@ -104,8 +104,7 @@ class RawLlamaSession(Session):
         self.raw.reset()
 
     def kv_cache_bytes(self):
-        c = self.config
-        return self.n_past * len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 2  # f16
+        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 2  # f16
 
     def close(self):
         self.raw.close()
@@ -140,8 +139,7 @@ class TransformersSession(Session):
         self.cache = None
 
     def kv_cache_bytes(self):
-        c = self.config
-        return self.n_past * len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 4
+        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 4
 
 
 def peer_openers(model_dir: Path, threads: int, max_seq_len: int, with_peers: bool) -> list:
@@ -187,8 +185,7 @@ class GenaiSession(Session):
         self.genai.reset()
 
     def kv_cache_bytes(self):
-        c = self.config
-        return self.n_past * len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 4
+        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 4
 
 
 # ---- the roofline -------------------------------------------------------------------------------
@@ -258,10 +255,7 @@ def label_of(r: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("-p", "--n-prompt", type=int, default=256)
-    p.add_argument("-n", "--n-gen", type=int, default=64)
-    p.add_argument("-r", "--repetitions", type=int, default=5)
+    add_protocol_options(p)
     p.add_argument("--depth", type=int, default=4096, help="context of the quantized-KV decode test")
     p.add_argument("--depth-gen", type=int, default=32, help="decoded tokens at that depth")
     p.add_argument("--depth-reps", type=int, default=2)

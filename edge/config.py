@@ -69,6 +69,11 @@ class HybridConfig:
     def conv_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "conv"]
 
+    def kv_vectors(self, positions: int) -> int:
+        """K and V vectors (head_dim elements each) of the grouped cache at `positions` tokens of context:
+        one per (attention layer, K or V, kv head, position), never expanded to the query heads."""
+        return positions * len(self.attention_layers) * 2 * self.num_key_value_heads
+
     def n_params(self, include_embeddings: bool = True) -> int:
         h, ff, kv = self.hidden_size, self.ffn_dim, self.num_key_value_heads * self.head_dim
         per_attn = h * h * 2 + 2 * h * kv + 2 * self.head_dim

@@ -113,12 +113,9 @@ class ExecuTorchSession(Session):
         pass  # the next forward starts at input_pos 0, which starts a fresh sequence inside the graph
 
     def _kv_bytes(self, positions: int) -> int:
-        c = self.config
-        per_position = len(c.attention_layers) * 2 * c.num_key_value_heads  # K and V vectors
-        nbytes = per_position * c.head_dim * KV_ELEMENT_BYTES[self.kv_cache]
-        if self.kv_cache == "int8":
-            nbytes += per_position * 4  # one fp32 scale per (position, kv head)
-        return positions * nbytes
+        vectors = self.config.kv_vectors(positions)
+        scale_bytes = 4 if self.kv_cache == "int8" else 0  # one fp32 scale per (position, kv head)
+        return vectors * (self.config.head_dim * KV_ELEMENT_BYTES[self.kv_cache] + scale_bytes)
 
     def kv_cache_bytes(self) -> int:
         """K/V (+ int8 scales) of the positions in use; the buffers themselves are allocated at max_seq_len."""

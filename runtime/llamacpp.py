@@ -240,9 +240,7 @@ class LlamaCppSession(Session):
         """Bytes of the K and V cells holding the current context: for every attention layer, n_past
         positions x kv heads x head_dim elements each of K and V, in the cache type's blocks."""
         block, block_bytes = gguf.GGML_QUANT_SIZES[self.kv_type]
-        c = self.config
-        elements = self.n_past * c.num_key_value_heads * c.head_dim
-        return 2 * len(c.attention_layers) * elements * block_bytes // block
+        return self.config.kv_vectors(self.n_past) * self.config.head_dim * block_bytes // block
 
     def synchronize(self):
         """Wait for llama.cpp's queued work (and let it update its perf counters)."""
