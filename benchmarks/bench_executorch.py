@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from bench_gguf import add_protocol_options  # noqa: E402
 from edge.config import HybridConfig  # noqa: E402
 from runtime.bench import _SessionBench, cpu_label  # noqa: E402
+from runtime.executorch import execute  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work" / "executorch"
@@ -111,7 +112,7 @@ class StockPteSession(Session):
     def _forward(self, ids):
         for start in range(0, len(ids), self.chunk):
             tokens = torch.tensor([ids[start:start + self.chunk]], dtype=torch.long)
-            logits = self.forward.execute([tokens, torch.tensor([self.n_past + start], dtype=torch.long)])[0]
+            logits = execute(self.forward, [tokens, torch.tensor([self.n_past + start], dtype=torch.long)])[0]
         return logits.reshape(-1).numpy()
 
     def _reset(self):
