@@ -128,6 +128,22 @@ def test_quantized_file_is_smaller(pte):
     assert sizes["8da4w-int8kv"] < 0.4 * sizes["fp32"], sizes
 
 
+@pytest.mark.parametrize("name", ["mqa-8da8w-int8kv", "8da4w-int8kv"])
+def test_quantized_linears_run_inside_xnnpack(pte, name):
+    """The dynamically quantized linears are spelled so that XNNPACK takes each one whole: a pattern it
+    stopped recognizing would leave matmuls and (de)quantize ops to the slow portable kernels, which the
+    parity tests cannot see."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte(name).read_bytes())
+    program = getattr(program, "program", program)
+    plan = next(p for p in program.execution_plan if p.name == "forward")
+    outside = {op.name.split("::")[-1] for op in plan.operators}  # e.g. embedding_byte, int8_sdpa, cat
+    matmul_or_quant = ("linear", "mm", "addmm", "bmm", "quantize", "dequantize", "choose_qparams")
+    assert not {n for n in outside if n.startswith(matmul_or_quant)}, sorted(outside)
+    assert plan.delegates, "nothing was delegated to XNNPACK"
+
+
 def test_context_overflow_and_bad_ids(sessions):
     s = sessions("fp32")
     s.reset()
