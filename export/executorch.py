@@ -215,10 +215,9 @@ class DynamicQuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight  # torchao's IntxUnpackedToInt8Tensor
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = weight.block_size[-1]
         self.qmin, self.qmax = (-8, 7) if weight.target_dtype == torch.int4 else (-128, 127)
-        per_channel = self.group_size == self.in_features  # scales [out] rather than [out, groups]
+        per_channel = self.group_size == linear.in_features  # scales [out] rather than [out, groups]
         self.register_buffer("weight", weight.qdata.detach().clone())
         self.register_buffer("scale", weight.scale.detach().flatten(0 if per_channel else 1).clone())
         self.register_buffer("zero_point", weight.zero_point.detach().flatten(0 if per_channel else 1).clone())

@@ -58,7 +58,7 @@ def execute(method, inputs: list):
     The pybindings hand each output back as a torch clone, and torch copies a [1, 65536] logits row in
     parallel: its OpenMP workers then busy-wait for more work while XNNPACK's threads run the next step,
     and on a 2-core machine they take a core from it (perf: 27% of a decode loop's samples spinning in
-    libgomp; decode 72 -> 96 t/s on lfm2-350m with the pool held at one thread). The previous size is
+    libgomp; lfm2-350m decode 27-31% faster with the pool held at one thread). The previous size is
     restored after the call, so torch code elsewhere in the process keeps its threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
