@@ -53,7 +53,7 @@ OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 
-def state_names(config: HybridConfig, kv_cache: str) -> list[str]:
+def state_names(config: HybridConfig) -> list[str]:
     """Names of the past-state inputs, in graph order (present names: see `present_name`)."""
     names = []
     for i in range(config.num_hidden_layers):
@@ -67,7 +67,7 @@ def state_names(config: HybridConfig, kv_cache: str) -> list[str]:
 def empty_state(config: HybridConfig, kv_cache: str, past_len: int = 0) -> dict[str, torch.Tensor]:
     """The state of a fresh sequence (past_len 0); past_len > 0 gives example inputs for tracing."""
     state = {}
-    for name in state_names(config, kv_cache):
+    for name in state_names(config):
         if name.startswith("past_conv."):
             state[name] = torch.zeros(1, config.hidden_size, config.conv_L_cache - 1)
         else:

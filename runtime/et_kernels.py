@@ -11,9 +11,9 @@ Two halves, one op schema:
   - `load_kernels()` compiles runtime/kernels/int8_sdpa.cpp against the headers of the installed
     executorch wheel (once per source/executorch build/CPU, cached) and loads it into this process, where
     it registers the `edge::int8_sdpa.out` and `edge::int8_update_cache.out` kernels with the ExecuTorch
-    runtime. Call it before
-    loading a .pte that uses the op. It is built with -march=native: the kernel is compiled on the device
-    that runs it, as a C++ ExecuTorch runner on a phone would compile the same file into its app.
+    runtime. Call it before loading a .pte that uses the ops. It is built with -march=native: the kernel
+    is compiled on the device that runs it, as a C++ ExecuTorch runner on a phone would compile the same
+    file into its app.
 """
 from __future__ import annotations
 

@@ -200,6 +200,21 @@ def test_bad_export_options(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "x.pte").exists()
 
 
+def _kernel_method(module, example, dynamic_shapes, out):
+    """`module` exported alone (no delegation) with our kernels loaded: its forward in the ExecuTorch runtime."""
+    from executorch.exir import to_edge
+
+    from export.executorch import load_custom_ops
+    from runtime.et_kernels import load_kernels
+    from runtime.executorch import _runtime
+
+    load_custom_ops()
+    load_kernels()
+    ep = torch.export.export(module, example, strict=False, dynamic_shapes=dynamic_shapes)
+    out.write_bytes(to_edge(ep).to_executorch().buffer)
+    return _runtime().load_program(out).load_method("forward")
+
+
 class Int8AttentionOnly(torch.nn.Module):
     """edge::int8_sdpa alone, the caches as inputs: the kernel checked directly at chosen positions."""
 
@@ -214,25 +229,16 @@ class Int8AttentionOnly(torch.nn.Module):
 def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path):
     """Our ExecuTorch kernel (runtime/kernels/int8_sdpa.cpp) == its torch reference, on the decode path
     (T <= 4, int8 read in place) and the prefill path (T > 4, dequantized blocks of 16 queries)."""
-    from executorch.exir import to_edge
+    from runtime.et_kernels import int8_sdpa_reference, quantize_symmetric
 
-    from export.executorch import load_custom_ops
-    from runtime.et_kernels import int8_sdpa_reference, load_kernels, quantize_symmetric
-    from runtime.executorch import _runtime
-
-    load_custom_ops()
-    load_kernels()
     S = 64
     gen = torch.Generator().manual_seed(heads)
     k, k_scales = quantize_symmetric(torch.randn(1, S, kv_heads, head_dim, generator=gen))
     v, v_scales = quantize_symmetric(torch.randn(1, S, kv_heads, head_dim, generator=gen))
     example = (torch.randn(1, 3, heads, head_dim), k, v, k_scales, v_scales, torch.tensor([0]))
     tokens = torch.export.Dim("tokens", min=1, max=S)
-    ep = torch.export.export(Int8AttentionOnly(), example, strict=False,
-                             dynamic_shapes=({1: tokens}, None, None, None, None, None))
-    out = tmp_path / "attention.pte"
-    out.write_bytes(to_edge(ep).to_executorch().buffer)
-    method = _runtime().load_program(out).load_method("forward")
+    method = _kernel_method(Int8AttentionOnly(), example, ({1: tokens}, None, None, None, None, None),
+                            tmp_path / "attention.pte")
     for T, start_pos in [(1, 0), (1, 40), (3, 17), (5, 0), (21, 30), (64, 0)]:
         q = torch.randn(1, T, heads, head_dim, generator=gen)
         got = method.execute([q, k, v, k_scales, v_scales, torch.tensor([start_pos])])[0]
@@ -268,20 +274,11 @@ class Int8CacheWriter(torch.nn.Module):
 def test_int8_cache_writer_kernel_matches_torch(tmp_path):
     """Our cache writer in the ExecuTorch runtime == its torch reference: scales to float precision, int8
     values equal up to a rounding tie (the kernel is built with -ffast-math), rows written only where asked."""
-    from executorch.exir import to_edge
+    from runtime.et_kernels import int8_update_cache_reference
 
-    from export.executorch import load_custom_ops
-    from runtime.et_kernels import int8_update_cache_reference, load_kernels
-    from runtime.executorch import _runtime
-
-    load_custom_ops()
-    load_kernels()
     tokens = torch.export.Dim("tokens", min=1, max=16)
-    ep = torch.export.export(Int8CacheWriter(), (torch.randn(1, 3, 2, 20), torch.tensor([0])), strict=False,
-                             dynamic_shapes=({1: tokens}, None))
-    out = tmp_path / "writer.pte"
-    out.write_bytes(to_edge(ep).to_executorch().buffer)
-    method = _runtime().load_program(out).load_method("forward")
+    method = _kernel_method(Int8CacheWriter(), (torch.randn(1, 3, 2, 20), torch.tensor([0])), ({1: tokens}, None),
+                            tmp_path / "writer.pte")
     want = Int8CacheWriter()
     for T, start_pos in [(5, 0), (1, 5), (3, 9)]:
         value = torch.randn(1, T, 2, 20) * 3
