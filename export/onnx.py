@@ -6,6 +6,7 @@ dynamo exporter silently drops in-place buffer updates. The graph I/O follows th
 onnxruntime-genai's LFM2 builder and transformers.js use, so their loops can drive our models:
 
     input_ids                         int64 [1, sequence_length]
+    attention_mask                    int64 [1, past_sequence_length + sequence_length], all ones (*)
     past_key_values.{i}.key / .value  [1, n_kv_heads, past_sequence_length, head_dim]   attention layer i
     past_conv.{i}                     float32 [1, hidden, conv_L_cache - 1]              conv layer i
     logits                            float32 [1, 1, vocab]   (the last position only)
@@ -18,8 +19,13 @@ KV format: float32, float16, or int8. int8 is ONNX Runtime's native GroupQueryAt
 (kv head, channel) per layer, calibrated at export on a short text (`calibrate_kv_scales`) and stored as
 constants in the graph, so the state I/O is the same K/V tensors as fp32, in int8; K is cached after
 RoPE, as in fp32. Measured against per-(position, kv head) scales applied with plain ops, it is as
-faithful on the §5 protocol and 3-4x faster at long context (README). Positions come from the past length, so
-there is no position input; a fresh sequence starts from empty (length-0) K/V and zero conv states.
+faithful on the §5 protocol and 3-4x faster at long context (README). There is no position input; a fresh
+sequence starts from empty (length-0) K/V and zero conv states.
+(*) Graphs with GroupQueryAttention (fp32 and int8 KV) take the context length from `attention_mask`, as
+the builder's do, not from the past's shape, so a runtime may also bind past and present to one buffer
+of max length that GQA appends to in place (ORT's past_present_share_buffer: no cache copy per step;
+runtime/onnxruntime.py does). The fp16 graph (MultiHeadAttention over concatenated K/V) has no mask
+input: its positions come from the past length.
 The conv state keeps the newest conv_L_cache-1 columns of B*x (DESIGN.md §3), as the onnxruntime-genai
 builder's `past.{i}.conv` does. Everything `runtime.load` needs (config, tokenizer,
 quant, KV format, max_seq_len) is in the model's metadata_props under the `edge.` keys.
@@ -42,7 +48,7 @@ from edge.errors import EdgeError
 from edge.files import atomic_path
 from edge.model import causal_mask, grouped_attention, rope_cos_sin
 from edge.tokenizer import tokenizer_json
-from runtime.onnxruntime import META_PREFIX, present_name
+from runtime.onnxruntime import ATTENTION_MASK, META_PREFIX, present_name
 
 QUANTS = ("fp32", "int8", "int4")
 KV_CACHES = ("fp32", "fp16", "int8")
@@ -141,8 +147,8 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     metadata = {"config": json.dumps(config.to_dict()), "tokenizer": tokenizer_text, "quant": quant,
                 "kv_cache": kv_cache, "max_seq_len": str(max_seq_len),
                 "group_size": str(group_size if quant == "int4" else 0),
-                "io": "see export/onnx.py: input_ids, past_key_values.{i}.key/value, past_conv.{i} -> "
-                      "logits [1,1,vocab], present.{i}.*, present_conv.{i}"}
+                "io": "see export/onnx.py: input_ids, attention_mask (GQA graphs), past_key_values.{i}.key/value, "
+                      "past_conv.{i} -> logits [1,1,vocab], present.{i}.*, present_conv.{i}"}
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=META_PREFIX + key, value=value)
@@ -401,7 +407,8 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
     com.microsoft GroupQueryAttention (fp32 KV only: ORT's CPU kernel wants T_CACHE == T for float).
     GQA appends to the grouped cache, applies RoPE itself (do_rotary, from cos/sin tables of
     max_seq_len positions) and attends causally without expanding K/V to n_heads: fewer kernels per
-    step (README). Returns the graph unchanged if the expected pattern is absent."""
+    step (README). Adds the `attention_mask` input its lengths come from (module docstring). Returns
+    the graph unchanged if the expected pattern is absent."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.graph.node)
@@ -412,20 +419,21 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
     if not layers or len(mha) != len(layers):
         return graph
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    first_past = f"past_key_values.{layers[0]}.key"
     const = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
     cos, sin = rope_cos_sin(torch.arange(max_seq_len), D, config.rope_theta)  # [S, D]: two equal halves
     graph.graph.initializer.extend([const("gqa.one", [1]), const("gqa.scalar", []),  # shape [] -> a scalar
                                     const("gqa.kv_shape", [0, 0, KV * D]), const("gqa.q_shape", [0, 0, H * D]),
                                     numpy_helper.from_array(cos[:, : D // 2].numpy(), "gqa.cos_cache"),
                                     numpy_helper.from_array(sin[:, : D // 2].numpy(), "gqa.sin_cache")])
-    prelude = [  # seqlens_k = total - 1 ([batch] int32) and total_sequence_length (int32 scalar), shared
-        helper.make_node("Shape", [first_past], ["gqa.past_len"], start=2, end=3),
-        helper.make_node("Shape", ["input_ids"], ["gqa.seq_len"], start=1, end=2),
-        helper.make_node("Add", ["gqa.past_len", "gqa.seq_len"], ["gqa.total"]),
+    # seqlens_k = ones in the mask - 1 ([batch] int32) and total_sequence_length = the mask's length (int32
+    # scalar), as the builder computes them: taken from the mask, not from the past's shape, so a runtime
+    # may bind past and present to one max-length buffer that GQA appends to in place (share buffer)
+    prelude = [
+        helper.make_node("ReduceSum", [ATTENTION_MASK, "gqa.one"], ["gqa.total"], keepdims=0),
         helper.make_node("Sub", ["gqa.total", "gqa.one"], ["gqa.seqlens_i64"]),
         helper.make_node("Cast", ["gqa.seqlens_i64"], ["gqa.seqlens_k"], to=TensorProto.INT32),
-        helper.make_node("Reshape", ["gqa.total", "gqa.scalar"], ["gqa.total_scalar"]),
+        helper.make_node("Shape", [ATTENTION_MASK], ["gqa.mask_len"], start=1, end=2),
+        helper.make_node("Reshape", ["gqa.mask_len", "gqa.scalar"], ["gqa.total_scalar"]),
         helper.make_node("Cast", ["gqa.total_scalar"], ["gqa.total_len"], to=TensorProto.INT32),
     ]
     replace, drop = {}, set()
@@ -469,6 +477,7 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
             scale=scale[0] if scale else D ** -0.5, do_rotary=1, rotary_interleaved=0))
         replace[id(attn)] = new
         drop |= {id(cat_k), id(cat_v)} | {id(r) for r in reshapes}
+    graph.graph.input.insert(1, helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"]))
     return rebuild(graph, nodes, replace, drop, prelude)  # onnx.checker runs on every artifact in the tests
 
 

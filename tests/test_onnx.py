@@ -138,19 +138,30 @@ def test_documented_io_runs_in_a_plain_inference_session(artifact, checkpoints, 
                 past[f"past_key_values.{i}.{kind}"] = np.zeros((1, n_kv, 0, head_dim), np.float32)
         else:
             past[f"past_conv.{i}"] = np.zeros((1, hidden, l_cache - 1), np.float32)
-    assert sorted(i.name for i in sess.get_inputs()) == sorted(["input_ids", *past])
+    assert sorted(i.name for i in sess.get_inputs()) == sorted(["input_ids", "attention_mask", *past])
     ids, ref = PARITY_IDS, reference(checkpoints("tiny"))
     half = len(ids) // 2
     steps = [ids[:half]] + [[t] for t in ids[half:]]
-    got = []
+    got, total = [], 0
     for chunk in steps:
+        total += len(chunk)
         names = [o.name for o in sess.get_outputs()]
-        outputs = dict(zip(names, sess.run(None, {"input_ids": np.array([chunk], np.int64), **past})))
+        feeds = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, total), np.int64), **past}
+        outputs = dict(zip(names, sess.run(None, feeds)))
         got.append(outputs["logits"][0, -1])
         past = {n: outputs[n.replace("past_key_values.", "present.").replace("past_conv.", "present_conv.")]
                 for n in past}
     assert past["past_key_values.2.key"].shape == (1, n_kv, len(ids), head_dim)
     assert_parity(ref, np.stack(got)[: len(ids) - half + 1], "exact")
+    # our runtime binds one buffer as past and present: GQA must have appended in place, to the same K/V
+    s = load(path, n_threads=1)
+    s.prefill(ids[:half])
+    for t in ids[half:]:
+        s.decode(t)
+    for name in ("past_key_values.2.key", "past_key_values.5.value"):
+        shared = s.kv[name]
+        assert shared.shape[2] > len(ids) and not shared[:, :, len(ids):].any()
+        np.testing.assert_allclose(shared[:, :, :len(ids)], past[name], rtol=1e-5, atol=1e-6)
 
 
 def test_cli_export_int4_int8_cache(checkpoints, reference, tmp_path):
@@ -205,7 +216,8 @@ def test_wrong_shaped_cache(artifact):
         s.load_state(wrong, 3)
     one_line_error(e, "past_key_values.2.key", "[1, 2, 3, 32]")
     # a cache that bypasses the check still fails with one line from the engine, not a stack trace
-    s.state["past_key_values.2.key"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 4, 4, 32), np.int8))
+    s.bindings[s.step % 2].bind_ortvalue_input("past_key_values.2.key",
+                                               ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 4, 4, 32), np.int8)))
     with pytest.raises(EdgeError) as e:
         s.decode(7)
     one_line_error(e, "ONNX Runtime failed")
