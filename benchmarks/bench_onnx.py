@@ -6,8 +6,9 @@
    benchmarks/work/gguf/lfm2-350m (tokenizer trained to the full 65536 entries on the Python standard
    library's source, which the default corpus is too small for) — imported from there, not duplicated.
 2. Exports, each in a child process (wall time and peak RSS recorded): `edge export onnx --quant int4`
-   and `--quant int8` (fp32 KV), `edge export gguf --quant q4_0` and `q8_0`, and
-   `python -m onnxruntime_genai.models.builder -i CKPT -o OUT -p int4 -e cpu` (the peer ONNX pipeline).
+   (our default block 128, and `--group-size 32`) and `--quant int8` (fp32 KV), `edge export gguf
+   --quant q4_0` and `q8_0`, and `python -m onnxruntime_genai.models.builder -i CKPT -o OUT -p int4 -e cpu`
+   (the peer ONNX pipeline; its default block 32, and `--extra_options block_size=128`).
 3. One warm-up, then `-r` repetitions of pp (one prefill of `-p` random ids from an empty cache) and
    tg (`-n` single-token decodes of random ids from an empty cache), every engine interleaved per
    repetition (A B C ... C B A ...), `-t` threads each. Medians of tokens/s. onnxruntime-genai is driven
@@ -46,17 +47,22 @@ EDGE = [sys.executable, "-m", "edge.cli"]
 
 
 def artifacts(model_dir: Path) -> dict[str, list[str]]:
-    """name -> (output path, export command)."""
-    genai = WORK / "genai-int4"
+    """name -> export command (the output is WORK / name)."""
+    def genai(name, *extra):
+        return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(WORK / name),
+                "-p", "int4", "-e", "cpu", "-c", str(WORK / "genai-cache"), *extra]
+
+    def edge(name, fmt, quant, *extra):
+        return [*EDGE, "export", fmt, str(model_dir), "-o", str(WORK / name), "--quant", quant, *extra]
+
     return {
-        "genai-int4": [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
-                       str(genai), "-p", "int4", "-e", "cpu", "-c", str(WORK / "genai-cache")],
-        "ours-int4.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int4.onnx"),
-                           "--quant", "int4", "--kv-cache", "fp32"],
-        "q4_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q4_0.gguf"), "--quant", "q4_0"],
-        "q8_0.gguf": [*EDGE, "export", "gguf", str(model_dir), "-o", str(WORK / "q8_0.gguf"), "--quant", "q8_0"],
-        "ours-int8.onnx": [*EDGE, "export", "onnx", str(model_dir), "-o", str(WORK / "ours-int8.onnx"),
-                           "--quant", "int8", "--kv-cache", "fp32"],
+        "genai-int4": genai("genai-int4"),  # the builder's default: block 32
+        "ours-int4-g32.onnx": edge("ours-int4-g32.onnx", "onnx", "int4", "--kv-cache", "fp32", "--group-size", "32"),
+        "q4_0.gguf": edge("q4_0.gguf", "gguf", "q4_0"),
+        "ours-int4.onnx": edge("ours-int4.onnx", "onnx", "int4", "--kv-cache", "fp32"),  # our default: block 128
+        "genai-int4-g128": genai("genai-int4-g128", "--extra_options", "block_size=128"),
+        "q8_0.gguf": edge("q8_0.gguf", "gguf", "q8_0"),
+        "ours-int8.onnx": edge("ours-int8.onnx", "onnx", "int8", "--kv-cache", "fp32"),
     }  # run in this order, reversed every other repetition: compared pairs sit next to each other
 
 
@@ -178,7 +184,7 @@ def main():
                                               for n, s in samples.items()), flush=True)
 
     runs = []
-    print(f"\n{'artifact':<16} {'pp t/s':>8} {'tg t/s':>8} {'MiB':>7}  outside-ORT share of a decode step")
+    print(f"\n{'artifact':<20} {'pp t/s':>8} {'tg t/s':>8} {'MiB':>7}  outside-ORT share of a decode step")
     for name, s in samples.items():
         r = dict(artifact=name, engine="onnxruntime-genai" if name.startswith("genai") else
                  ("llama.cpp" if name.endswith(".gguf") else "onnxruntime (ours)"),
@@ -189,10 +195,13 @@ def main():
             r["tg_outside_ort_share_median"] = round(statistics.median(s["tg_outside_ort"]), 4)
         runs.append(r)
         share = f"{100 * r['tg_outside_ort_share_median']:.2f}%" if "tg_outside_ort_share_median" in r else ""
-        print(f"{name:<16} {r['pp_median_ts']:>8.1f} {r['tg_median_ts']:>8.2f} {r['file_mb']:>7.1f}  {share}")
+        print(f"{name:<20} {r['pp_median_ts']:>8.1f} {r['tg_median_ts']:>8.2f} {r['file_mb']:>7.1f}  {share}")
     ratios = {}
     for ours, peer, label in (("ours-int4.onnx", "genai-int4", "ours_int4_over_genai_int4"),
+                              ("ours-int4.onnx", "genai-int4-g128", "ours_int4_over_genai_int4_g128"),
                               ("ours-int4.onnx", "q4_0.gguf", "ours_int4_over_llamacpp_q4_0"),
+                              ("ours-int4-g32.onnx", "genai-int4", "ours_int4_g32_over_genai_int4"),
+                              ("ours-int4-g32.onnx", "q4_0.gguf", "ours_int4_g32_over_llamacpp_q4_0"),
                               ("ours-int8.onnx", "q8_0.gguf", "ours_int8_over_llamacpp_q8_0")):
         if ours in samples and peer in samples:
             for test in ("pp", "tg"):

@@ -57,8 +57,8 @@ EXPORTS = {
                                                   "--prefill-chunk", "256"]),
     "8da4w-int8kv.pte": ("executorch", "8da4w", "int8", ["--embedding-quant", "int4", "--group-size", "32",
                                                          "--prefill-chunk", "256"]),
-    "int4.onnx": ("onnx", "int4", "fp32", ["--group-size", "32"]),
-    "int4-int8kv.onnx": ("onnx", "int4", "int8", ["--group-size", "32"]),
+    "int4.onnx": ("onnx", "int4", "fp32", []),  # the default block 128 (4.28 bits per weight)
+    "int4-int8kv.onnx": ("onnx", "int4", "int8", []),
 }
 
 

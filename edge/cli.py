@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache", help="KV-cache precision stored with the artifact: gguf f16|q8_0|q4_0; "
                    "executorch fp32|int8; onnx fp32|fp16|int8")
     s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
-    s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w, "
-                   "onnx int4; default 32)")
+    s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w: "
+                   "default 32; onnx int4: default 128, or 64/32 where 128 does not divide the hidden size)")
     s.add_argument("--embedding-quant", help="executorch: quantize the embedding table too (none|int8|int4)")
     s.add_argument("--prefill-chunk", type=int, help="executorch: most tokens one forward call takes "
                    "(longer prompts are split; default 128)")
