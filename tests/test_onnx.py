@@ -164,6 +164,24 @@ def test_documented_io_runs_in_a_plain_inference_session(artifact, checkpoints, 
         np.testing.assert_allclose(shared[:, :, :len(ids)], past[name], rtol=1e-5, atol=1e-6)
 
 
+def test_shared_kv_buffers_grow_with_the_context(artifact, checkpoints, reference, monkeypatch):
+    """The shared K/V buffers start small and double; growing mid-sequence (in a prefill and in decode
+    steps) and restoring a saved state larger than the buffers keep the logits exact."""
+    import runtime.onnxruntime
+
+    monkeypatch.setattr(runtime.onnxruntime, "FIRST_CAPACITY", 8)
+    s = load(artifact("tiny", "fp32", "fp32"), n_threads=1)
+    assert s.capacity == 8
+    ids, ref = PARITY_IDS, reference(checkpoints("tiny"))
+    assert_parity(ref, session_logits(s, ids), "exact")  # 32-token prefill: 8 -> 32; decode: 32 -> 64
+    assert s.capacity == len(ids)
+    state = s.state_arrays()
+    fresh = load(artifact("tiny", "fp32", "fp32"), n_threads=1)
+    fresh.load_state(state, len(ids))
+    assert fresh.capacity == len(ids)
+    np.testing.assert_allclose(fresh.decode(7), s.decode(7), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_export_int4_int8_cache(checkpoints, reference, tmp_path):
     out = tmp_path / "m.onnx"
     edge = Path(sys.executable).with_name("edge")
