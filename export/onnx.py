@@ -55,7 +55,7 @@ KV_CACHES = ("fp32", "fp16", "int8")
 DEFAULT_QUANT = "int8"
 DEFAULT_KV_CACHE = "fp32"
 # int4 block sizes by preference: 128 is ORT's quantizer default and has MLAS's fastest int8 kernel on x86
-# (lfm2-350m: prefill 1.4x, decode 1.3x block 32; README); a smaller one where 128 does not divide the
+# (lfm2-350m: prefill and decode 1.4x block 32's; README); a smaller one where 128 does not divide the
 # hidden size, so the embedding can still read the lm_head's blocks (share_quantized_embedding)
 GROUP_SIZES = (128, 64, 32)
 OPSET = 18
@@ -135,7 +135,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     if unused:
         warnings.warn(f"onnx export ignores options {', '.join(unused)}")
     if quant == "int4" and group_size and (group_size < 16 or group_size & (group_size - 1)):
-        raise EdgeError(f"--group-size {group_size} is invalid for onnx int4; use a power of two >= 16 (e.g. 32)")
+        raise EdgeError(f"--group-size {group_size} is invalid for onnx int4; use a power of two >= 16 (e.g. 128)")
     model = load_model(model_dir)
     config = model.config
     group_size = group_size or next((g for g in GROUP_SIZES if config.hidden_size % g == 0), GROUP_SIZES[-1])
@@ -480,7 +480,8 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
             scale=scale[0] if scale else D ** -0.5, do_rotary=1, rotary_interleaved=0))
         replace[id(attn)] = new
         drop |= {id(cat_k), id(cat_v)} | {id(r) for r in reshapes}
-    graph.graph.input.insert(1, helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"]))
+    mask = helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])
+    graph.graph.input.insert(1, mask)
     return rebuild(graph, nodes, replace, drop, prelude)  # onnx.checker runs on every artifact in the tests
 
 
