@@ -16,7 +16,7 @@ def cmd_init(args):
     from edge.checkpoint import save_model
     from edge.config import preset
     from edge.model import HybridLM
-    from edge.tokenizer import default_corpus, save_tokenizer, train_tokenizer
+    from edge.tokenizer import default_corpus, learned_tokens, save_tokenizer, train_tokenizer
 
     config = preset(args.preset)
     if args.corpus:
@@ -24,6 +24,10 @@ def cmd_init(args):
     else:
         text = default_corpus()
     tokenizer = train_tokenizer(text, config.vocab_size)
+    learned = learned_tokens(tokenizer)
+    if learned < config.vocab_size:
+        print(f"tokenizer: {learned} tokens learned from the corpus, the other {config.vocab_size - learned} ids "
+              f"of the {config.vocab_size} vocab reserved as <|unused_N|> (give --corpus for more)")
     model = HybridLM(config).init_weights(args.seed)
     save_model(model, args.out_dir)
     save_tokenizer(tokenizer, args.out_dir)
