@@ -82,3 +82,41 @@ def reference():
         return cache[key]
 
     return get
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine(name, ...): needs that engine's native code; skipped with the "
+                            "cause when engines.py's probe finds it cannot run on this machine")
+
+
+# test modules that import an engine at the top: not even imported (which could crash pytest) when the
+# engine's probe fails; test_engines.py reports the cause
+ENGINE_MODULES = {"test_gguf.py": "llamacpp", "test_executorch.py": "executorch", "test_onnx.py": "onnxruntime"}
+
+
+def pytest_ignore_collect(collection_path, config):
+    from engines import engine_failure, start_probes
+
+    engine = ENGINE_MODULES.get(collection_path.name)
+    if engine:
+        start_probes(*ENGINE_MODULES.values())  # side by side, while this one is awaited
+        return True if engine_failure(engine) else None
+    return None
+
+
+def pytest_runtest_setup(item):
+    from engines import engine_failure
+
+    for mark in item.iter_markers("engine"):
+        for engine in mark.args:
+            cause = engine_failure(engine)
+            if cause:
+                pytest.skip(f"{engine} cannot run on this machine: {cause}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from engines import PROBED
+
+    for engine, cause in PROBED.items():
+        if cause:
+            terminalreporter.write_line(f"ENGINE DOWN: {engine} cannot run on this machine: {cause}", red=True)

@@ -22,6 +22,8 @@ from edge.errors import EdgeError  # noqa: E402
 from export import export_model  # noqa: E402
 from parity import assert_parity, metrics, random_ids, reference_logits, session_logits  # noqa: E402
 
+pytestmark = pytest.mark.engine("executorch")
+
 MAX_SEQ_LEN = 128
 CHUNK = 16
 # name -> (checkpoint variant, quant, kv cache, embedding quant, DESIGN §5 bound)

@@ -27,6 +27,8 @@ from export import export_model
 from runtime import load
 from runtime.llamacpp import tokenizer_from_vocab
 
+pytestmark = pytest.mark.engine("llamacpp")
+
 # Checkpoints beyond conftest's VARIANTS: rows of 256 so llama.cpp's K-quants really use K blocks
 # (tiny's rows of 128 make llama.cpp fall back to q5_0/q8_0), and head_dim 16 for the KV block check.
 EXTRA = {"wide": dict(hidden_size=256, intermediate_size=1152), "head_dim16": dict(num_attention_heads=8)}

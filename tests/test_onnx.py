@@ -20,6 +20,8 @@ from export.onnx import weight_matmuls
 from parity import assert_parity, session_logits
 from runtime import load
 
+pytestmark = pytest.mark.engine("onnxruntime")
+
 # (checkpoint variant, quant, kv cache, group size) -> parity bound
 CASES = {
     ("tiny", "fp32", "fp32", None): "exact",
