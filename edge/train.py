@@ -1,8 +1,9 @@
-"""A short training loop: the search's quality proxies and `edge init --train-steps` share it.
+"""A short training loop, shared by the search's quality proxies (arch_search/quality.py) and the
+trained test checkpoints (tests/conftest.py, `trained:<variant>`).
 
 Random-weight models are chaotic: 4-bit rounding noise compounds through their layers and their logits
-carry no signal, so a few hundred steps on text give test and demo models the structure real
-checkpoints have (peaked next-token distributions) at a cost of seconds.
+carry no signal, so a few dozen steps on text give test models the structure real checkpoints have
+(peaked next-token distributions) at a cost of seconds.
 """
 from __future__ import annotations
 
