@@ -5,7 +5,7 @@
     python3 install.py --extras test   # ... plus the test dependencies (what CI runs)
 
 Why a script and not a bare `pip install -e .`: llama-cpp-python compiles llama.cpp from source with
-`-march=native`, and two things about that need care (docs/design.md §9):
+`-march=native`, and two things about that need care (docs/design.md §11):
 - On Intel CPUs with AMX (Sapphire Rapids and newer) `-march=native` switches on ggml's AMX matmul
   backend, which crashes (SIGILL in `ggml_backend_amx_mul_mat`) in the pinned llama.cpp. We add
   `-mno-amx-*` on x86-64 and keep every other native feature and ggml's weight repacking; the flags are
