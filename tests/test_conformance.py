@@ -122,11 +122,15 @@ def test_generate_is_deterministic_with_a_seed(fresh):
 
 
 def test_streaming_text_through_the_tokenizer(fresh):
-    pieces = list(fresh.stream_text("def main():", max_new_tokens=8, stop_at_eos=False))
-    assert pieces and all(isinstance(p, str) for p in pieces)
+    pieces = list(fresh.stream_text("def main():", max_new_tokens=24, stop_at_eos=False))
+    assert all(isinstance(p, str) for p in pieces)
     fresh.reset()
-    ids = list(fresh.generate(fresh.encode("def main():"), max_new_tokens=8, stop_at_eos=False))
-    assert "".join(pieces) == fresh.tokenizer.decode(ids, skip_special_tokens=True)
+    ids = list(fresh.generate(fresh.encode("def main():"), max_new_tokens=24, stop_at_eos=False))
+    text = fresh.tokenizer.decode(ids, skip_special_tokens=True)
+    # the stream holds back an incomplete UTF-8 character (random weights can end on a stray byte token)
+    shown = "".join(pieces)
+    assert text.startswith(shown) and (shown == text or text.endswith("\ufffd"))
+    assert shown or text.endswith("\ufffd")
 
 
 def test_context_overflow_is_one_line(fresh):

@@ -15,7 +15,8 @@ from engines import ENGINES, engine_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 # x86 AMX instructions (Intel SDM vol. 2: tile load/store/config and the tile dot products)
-AMX = re.compile(r"\b(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tilerelease|tdpb[su]{2}d|tdpbf16ps|tdpfp16ps)\b")
+AMX = re.compile(r"\b(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tilerelease|tdpb[su]{2}d|tdpbf16ps"
+                 r"|tdpfp16ps)\b|%tmm[0-7]")
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
