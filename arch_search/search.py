@@ -411,6 +411,15 @@ def run_search(settings: SearchSettings, log=print):
     else:  # one thread per device, each with one candidate in flight; the storage's bookkeeping is shared
         import threading
 
+        # Optuna claims a queued trial by reading it WAITING then writing RUNNING; on SQLite (no row locks)
+        # two threads can both claim the same one, so this process's threads ask for trials one at a time
+        ask, asking = study.ask, threading.Lock()
+
+        def ask_one_at_a_time(*args, **kwargs):
+            with asking:
+                return ask(*args, **kwargs)
+
+        study.ask = ask_one_at_a_time
         errors = []
 
         def work(search):
