@@ -30,6 +30,7 @@ from arch_search.space import seed_params, suggest
 from device.client import DeviceTransport
 from edge.cli import main as edge
 from export import export_model
+from test_search import finished_trials, postgres_url  # noqa: F401 - the PostgreSQL fixture of the search tests
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -416,3 +417,23 @@ def test_agent_killed_mid_search_loses_no_trial_and_restarts_with_its_cache(gguf
         assert tg_median_ts(t.bench([gguf], n_prompt=0, n_gen=8, repetitions=1)) > 0
         assert (t.uploads, t.cache_hits) == (0, 1)
         t.close()
+
+
+def test_postgres_workers_each_with_their_own_device(fast, second, tokenizer_file, tmp_path, postgres_url):
+    study = f"device-{uuid.uuid4().hex[:8]}"
+    outs = [tmp_path / "w0", tmp_path / "w1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_DEVICE_TOKEN": TOKEN}
+    procs = [subprocess.Popen([sys.executable, "-m", "edge.cli", *SEARCH, "--budget", "prefill_ms@64=100000",
+                               "--budget", "decode_ms@64=1000", "--trials", "3", "--storage", postgres_url,
+                               "--study", study, "--out", str(out), "--tokenizer", str(tokenizer_file),
+                               "--device", agent.url], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for out, agent in zip(outs, (fast, second))]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], logs
+        trials = finished_trials(postgres_url, study)
+        assert len(trials) == 3 and {t.user_attrs["device"] for t in trials} <= {fast.url, second.url}
+        hashes = [json.loads(line)["hash"] for out in outs for line in (out / "measurements.jsonl").read_text().splitlines()]
+        assert len(hashes) == len(set(hashes)) == 3, "no candidate measured twice across workers and devices"
+    finally:
+        optuna.delete_study(study_name=study, storage=postgres_url)
