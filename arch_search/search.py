@@ -404,6 +404,8 @@ def run_search(settings: SearchSettings, log=print):
 
     # a busy device (another host's search) is waited for, up to one measurement's time limit
     devices = transports(settings.devices, settings.device_token_file, busy_wait_s=settings.measure.timeout_s)
+    for t in devices:  # an unreachable device, a wrong token or a missing engine: one line now, not later
+        t.check(SUFFIX[settings.measure.target])
     reference = reference_artifact(settings) if settings.drift_every else None
     searches = [_Search(settings, log, t, reference) for t in devices]
     if len(searches) == 1:

@@ -92,6 +92,15 @@ class DeviceTransport(Transport):
             raise DeviceUnavailable(f"device {self.url}: {self._error(r)}")
         return r.json()
 
+    def check(self, suffix: str) -> None:
+        try:
+            formats = self.info()["formats"]
+        except MeasureFailed as e:
+            raise EdgeError(f"{e}; is `edge device serve` running there (and the SSH tunnel up)?") from None
+        if suffix not in formats:
+            raise EdgeError(f"device {self.url} has no engine for {suffix} files (it runs {', '.join(formats) or 'none'}); "
+                            "install it there or pick another --target")
+
     def wait_until_reachable(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
         while True:

@@ -27,6 +27,9 @@ class Transport:
         """`edge bench` records of `artifacts` (options as runtime.bench.bench_artifacts takes them)."""
         raise NotImplementedError
 
+    def check(self, suffix: str) -> None:
+        """Before a search: raise EdgeError (one line) if this transport cannot measure `suffix` files."""
+
     def wait_until_reachable(self, timeout_s: float) -> bool:
         return True
 

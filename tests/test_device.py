@@ -280,6 +280,16 @@ def test_token_required_and_compared(fast, gguf):
         t.info()
 
 
+def test_search_checks_its_devices_before_it_starts(fast, tmp_path, tokenizer_file, capsys, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"
+    for device, token, message in ((dead, TOKEN, "connection failed"), (fast.url, "wrong", "refused the token")):
+        monkeypatch.setenv("EDGE_DEVICE_TOKEN", token)
+        assert edge([*SEARCH, "--budget", "decode_ms@64=1", "--trials", "1", "--out", str(tmp_path),
+                     "--tokenizer", str(tokenizer_file), "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory, gguf):
     limit_mb = 1.5 * gguf.stat().st_size / 2**20  # the tiny model fits, twice its size does not
@@ -385,6 +395,17 @@ def test_a_flood_gets_busy_and_the_agent_keeps_working(strict, gguf):
 
 
 # ---- faults ------------------------------------------------------------------------------------------
+def test_a_deadline_ends_the_measurement_not_the_agent(strict, gguf, capsys):
+    t = strict.transport()
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"bench timed out after \d+ s"):
+        t.bench([gguf], n_prompt=0, n_gen=200, repetitions=1000, deadline_s=3)  # minutes of work, 3 s allowed
+    assert time.monotonic() - started < 30
+    assert not strict.info()["busy"]
+    assert tg_median_ts(t.bench([gguf], n_prompt=0, n_gen=8, repetitions=1)) > 0
+    t.close()
+
+
 def test_agent_killed_mid_search_loses_no_trial_and_restarts_with_its_cache(gguf, tokenizer_file, tmp_path):
     with agents(tmp_path, ("victim", "0"), ("survivor", "1")) as (victim, survivor):
         t = victim.transport()
