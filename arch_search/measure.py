@@ -16,6 +16,8 @@ attempt with the lowest CV is kept; the record says `noisy` if even that one is 
 Every step runs in a CHILD process with a time limit (`python -m arch_search.measure export|bench`),
 so a crash, an engine abort or a hang costs one candidate (reported with the reason), not the search.
 Export and timing are separate children so that the peak RSS is the runtime's, not the exporter's.
+The timing step goes through a transport (device/transport.py): this machine's child process, or a device
+agent, which runs the same `bench` child on the device.
 """
 from __future__ import annotations
 

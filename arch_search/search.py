@@ -1,4 +1,5 @@
-"""The search: an Optuna multi-objective study over the space, every candidate measured on this machine.
+"""The search: an Optuna multi-objective study over the space, every candidate measured on this machine
+or on device agents (`--device`, one thread per device, one candidate in flight on each; docs/design.md §4).
 
 Objectives: the quality proxy (maximise accuracy / parameters, minimise loss) and the measured decode
 latency (ms/token at the budget context, minimise). Budgets are constraints, recorded with Optuna 5's

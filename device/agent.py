@@ -173,9 +173,11 @@ class Agent:
             return JSONResponse({"sha256": sha, "stored": True}, status_code=201)
 
         async def measure(request):
-            body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_JSON_BYTES else None
-            if body is None or len(body) > MAX_JSON_BYTES:
-                return error(413, f"a measurement request is at most {MAX_JSON_BYTES} bytes of JSON")
+            body = b""
+            async for chunk in request.stream():  # read at most the limit, whatever Content-Length says
+                body += chunk
+                if len(body) > MAX_JSON_BYTES:
+                    return error(413, f"a measurement request is at most {MAX_JSON_BYTES} bytes of JSON")
             try:
                 req = json.loads(body)  # JSON only: nothing a client sends is unpickled or evaluated
             except ValueError:
