@@ -406,6 +406,27 @@ def test_a_deadline_ends_the_measurement_not_the_agent(strict, gguf, capsys):
     t.close()
 
 
+def test_a_full_disk_is_one_line_and_stores_nothing(gguf, tmp_path):
+    cache = tmp_path / "small-disk"
+    cache.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cache)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here to fill the device's disk")
+    try:
+        a = AgentProc(tmp_path, "full", "0", cache=cache).start()
+        try:
+            t = a.transport()
+            with pytest.raises(Exception, match="disk is full") as e:
+                t.ensure(gguf)  # 1.5 MiB into a 1 MiB file system
+            assert "\n" not in str(e.value)
+            assert list((cache / "artifacts").iterdir()) == [] and list((cache / "incoming").iterdir()) == []
+            assert a.info()["artifacts"] == 0, "the agent keeps serving"
+            t.close()
+        finally:
+            a.stop()
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
 def test_agent_killed_mid_search_loses_no_trial_and_restarts_with_its_cache(gguf, tokenizer_file, tmp_path):
     with agents(tmp_path, ("victim", "0"), ("survivor", "1")) as (victim, survivor):
         t = victim.transport()
