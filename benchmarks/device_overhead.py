@@ -8,7 +8,6 @@ wall time of each `measure_candidate` call and the medians. Usage:
 """
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import subprocess

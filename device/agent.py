@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 

@@ -24,7 +24,7 @@ import httpx
 import optuna
 import pytest
 
-from arch_search.measure import MeasureSettings, measure, summary
+from arch_search.measure import measure, summary
 from arch_search.search import measure_settings_for, parse_budget
 from arch_search.space import seed_params, suggest
 from device.client import DeviceTransport
