@@ -154,6 +154,8 @@ class DeviceTransport(Transport):
             if r.status_code == 503 and time.monotonic() < end:  # busy: another host measures there
                 time.sleep(min(5.0, max(0.5, end - time.monotonic())))
                 continue
+            if r.status_code in (503, 504):  # still busy, or the deadline passed in its queue: not the candidate's fault
+                raise DeviceUnavailable(f"device {self.url}: {self._error(r)}")
             if r.status_code != 200:
                 raise MeasureFailed(f"device {self.url}: {self._error(r)}")
             return r.json()
