@@ -266,8 +266,10 @@ class _Search:
         self.duplicates_in_a_row = 0
         self.device_down = False
         self.reference = reference  # the drift reference's artifact (see _measure_reference)
-        self.measured = 0
+        self.measured = 0            # candidates this device measured (the drift reference is re-measured every K)
+        self.drift_due = -1          # `measured` at the last reference measurement
         self.drift: dict | None = None
+        self.first_reference_ms: float | None = None
 
     def objective(self, trial):
         import optuna
@@ -359,8 +361,6 @@ class _Search:
                 self._measure_reference()
             study.optimize(self.objective, n_trials=1, catch=(MeasureFailed,))
 
-    drift_due = -1
-
     def _wait_for_device(self, study) -> bool:
         """After a device dropped out: True once it answers again, False when the study is done without
         it or it stayed away DEVICE_WAIT_S (the other devices go on)."""
@@ -387,7 +387,7 @@ class _Search:
                 self.device_down = True
             return
         ms = summary(result, self.s.measure)["decode_ms"]
-        first = self.first_reference_ms = getattr(self, "first_reference_ms", None) or ms
+        first = self.first_reference_ms = self.first_reference_ms or ms
         self.drift = {"reference_decode_ms": round(ms, 4), "ratio": round(ms / first, 4), "after": self.measured}
         with open(self.s.out / "drift.jsonl", "a") as f:
             f.write(json.dumps({"device": self.transport.label, "time": time.time(), **self.drift}) + "\n")
