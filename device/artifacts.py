@@ -63,8 +63,8 @@ def validate(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(32)
         root = struct.unpack_from("<I", head)[0] if len(head) >= 8 else size
-        if root >= size:
-            raise EdgeError("not a valid .pte file: its root table offset points past the end of the file")
+        if not 8 <= root < size:  # the root table follows the 8-byte flatbuffer header, inside the file
+            raise EdgeError("not a valid .pte file: its root table offset points outside the file")
         if head[8:12] == b"eh00":
             length, program, segments = struct.unpack_from("<IQQ", head, 12)
             if length < 24 or program > size or segments > size:

@@ -350,6 +350,20 @@ def test_a_gguf_that_is_not_a_gguf_never_reaches_an_engine(strict, gguf, tmp_pat
     assert info["measurements"] == 0 and cached(strict) == []
 
 
+def test_pte_and_onnx_headers_are_checked_too(tmp_path):
+    from device.artifacts import validate
+    from edge.errors import EdgeError
+
+    cases = {"pte": (b"\xff\xff\x00\x00ET12" + bytes(64), "root table offset"),
+             "pte-ext": (b"\x20\x00\x00\x00ET12eh00\x18\x00\x00\x00" + (2**40).to_bytes(8, "little") + bytes(64),
+                         "extended header"),
+             "onnx": (b"\x08\x07" + b"\xff" * 256, "not a valid ONNX")}
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EdgeError, match=reason):
+            validate(tmp_path / name)
+
+
 def test_a_client_path_or_name_never_touches_the_file_system(strict, gguf, tmp_path):
     sentinel = tmp_path / "escaped"
     for name in (f"..%2F..%2F..%2F{sentinel}", "../../x", "." * 64, "A" * 64):
