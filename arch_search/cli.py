@@ -56,6 +56,8 @@ def settings_from_args(args) -> SearchSettings:
     bounds(args.space)
     if args.trials < 1:
         raise EdgeError(f"--trials must be at least 1, got {args.trials}")
+    if getattr(args, "drift_every", 0) < 0:
+        raise EdgeError(f"--drift-every must be 0 (off) or a positive number of candidates, got {args.drift_every}")
     if args.threads is not None and args.threads < 1:
         raise EdgeError(f"-t must be at least 1, got {args.threads}")
     check_target(args.target, args.quant, args.kv_cache)
@@ -65,7 +67,9 @@ def settings_from_args(args) -> SearchSettings:
                                    threads=args.threads or 1)
     return SearchSettings(space=args.space, proxy=proxy, budgets=budgets, measure=measure, trials=args.trials,
                           out=out, tokenizer_path=tokenizer_path, vocab_size=vocab, storage=args.storage,
-                          study_name=args.study, seed=args.seed)
+                          study_name=args.study, seed=args.seed, devices=getattr(args, "device", None),
+                          device_token_file=getattr(args, "device_token_file", None),
+                          drift_every=getattr(args, "drift_every", 0))
 
 
 def main(args) -> None:

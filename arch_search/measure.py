@@ -16,6 +16,8 @@ attempt with the lowest CV is kept; the record says `noisy` if even that one is 
 Every step runs in a CHILD process with a time limit (`python -m arch_search.measure export|bench`),
 so a crash, an engine abort or a hang costs one candidate (reported with the reason), not the search.
 Export and timing are separate children so that the peak RSS is the runtime's, not the exporter's.
+The timing step goes through a transport (device/transport.py): this machine's child process, or a device
+agent, which runs the same `bench` child on the device.
 """
 from __future__ import annotations
 
@@ -75,11 +77,15 @@ class MeasureFailed(Exception):
 
 # ---- parent side ---------------------------------------------------------------------------------
 def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workdir: str | Path,
-            keep: bool = False) -> dict:
-    """Export and time `config` (a HybridConfig) in child processes; return the figures.
+            keep: bool = False, transport=None) -> dict:
+    """Export `config` (a HybridConfig) in a child process here, then time it through `transport` (a
+    device.transport.Transport: default this machine, in a child process); return the figures.
 
     Raises MeasureFailed with a one-line reason. `workdir` receives the checkpoint and the artifact;
     they are deleted afterwards unless `keep`."""
+    if transport is None:
+        from device.transport import LocalTransport
+        transport = LocalTransport()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict()))
@@ -88,8 +94,7 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     try:
         _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
         export_s = time.perf_counter() - started
-        _run_child(["bench", str(workdir)], settings.timeout_s, "bench")
-        result = json.loads((workdir / "result.json").read_text())
+        result = transport.measure_candidate(workdir / f"model{SUFFIX[settings.target]}", settings)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -98,9 +103,10 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     return result
 
 
-def _run_child(args: list[str], timeout_s: float, step: str) -> None:
-    """Run `python -m arch_search.measure ARGS` in its own process group; kill the group on timeout."""
-    cmd = [sys.executable, "-m", "arch_search.measure", *args]
+def _run_child(args: list[str], timeout_s: float, step: str, module: str = "arch_search.measure") -> None:
+    """Run `python -m MODULE ARGS` in its own process group; kill the group on timeout.
+    (The device agent runs its header checks and `edge bench` measurements through this too.)"""
+    cmd = [sys.executable, "-m", module, *args]
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)

@@ -1,4 +1,5 @@
-"""The search: an Optuna multi-objective study over the space, every candidate measured on this machine.
+"""The search: an Optuna multi-objective study over the space, every candidate measured on this machine
+or on device agents (`--device`, one thread per device, one candidate in flight on each; docs/design.md §4).
 
 Objectives: the quality proxy (maximise accuracy / parameters, minimise loss) and the measured decode
 latency (ms/token at the budget context, minimise). Budgets are constraints, recorded with Optuna 5's
@@ -33,15 +34,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from device.client import DeviceUnavailable
 from edge.errors import EdgeError
 
 from . import space as space_mod
-from .measure import MeasureFailed, MeasureSettings, measure, summary
+from .measure import SUFFIX, MeasureFailed, MeasureSettings, _run_child, measure, summary
 from .quality import Proxy, evaluate
 
 HEARTBEAT_S = 10
 GRACE_S = 30
 MAX_CONSECUTIVE_DUPLICATES = 40
+DEVICE_WAIT_S = 120  # how long a device that dropped out is waited for before the search goes on without it
 
 
 # ---- budgets --------------------------------------------------------------------------------------
@@ -120,6 +123,9 @@ class SearchSettings:
     seed: int = 0
     sampler: str = "nsga2"
     population: int | None = None
+    devices: list[str] | None = None        # device agent URLs; None: measure on this machine
+    device_token_file: str | None = None
+    drift_every: int = 0                    # re-measure the reference candidate every K candidates (0: off)
 
     @property
     def storage_url(self) -> str:
@@ -249,11 +255,21 @@ def _step_aside(study, trial, h: str, target: int) -> str | None:
 
 
 class _Search:
-    def __init__(self, settings: SearchSettings, log):
+    def __init__(self, settings: SearchSettings, log, transport=None, reference=None):
+        from device.transport import LocalTransport
+
         self.s = settings
-        self.log = log
+        self.transport = transport or LocalTransport()
+        self.log = log if not settings.devices or len(settings.devices) < 2 else (
+            lambda msg: log(f"[{self.transport.label}] {msg}"))
         self.measure_log = settings.out / "measurements.jsonl"
         self.duplicates_in_a_row = 0
+        self.device_down = False
+        self.reference = reference  # the drift reference's artifact (see _measure_reference)
+        self.measured = 0            # candidates this device measured (the drift reference is re-measured every K)
+        self.drift_due = -1          # `measured` at the last reference measurement
+        self.drift: dict | None = None
+        self.first_reference_ms: float | None = None
 
     def objective(self, trial):
         import optuna
@@ -271,10 +287,21 @@ class _Search:
         self.duplicates_in_a_row = 0
         config = candidate.to_config()
         self.log(f"trial {trial.number}: {candidate.describe()} [{h}] measuring ...")
+        trial.set_user_attr("device", self.transport.label)
         with open(self.measure_log, "a") as f:  # one line per measurement started: proves none is repeated
-            f.write(json.dumps({"hash": h, "trial": trial.number, "worker": _worker_id(), "time": time.time()}) + "\n")
+            f.write(json.dumps({"hash": h, "trial": trial.number, "worker": _worker_id(),
+                                "device": self.transport.label, "time": time.time()}) + "\n")
         try:
-            result = measure(config, s.tokenizer_path, s.measure, s.out / "work" / f"{h}-{os.getpid()}")
+            result = measure(config, s.tokenizer_path, s.measure, s.out / "work" / f"{h}-{os.getpid()}",
+                             transport=self.transport)
+        except DeviceUnavailable as e:
+            # not the candidate's fault: without a `failure` it is re-queued (recover_interrupted) and
+            # measured by the next free device; a retry that meets a lost device again is failed with the reason
+            self.device_down = True
+            if "retry_of" in trial.user_attrs:
+                trial.set_user_attr("failure", str(e))
+            self.log(f"trial {trial.number}: {e}; {'failed' if 'retry_of' in trial.user_attrs else 're-queued'}")
+            raise
         except MeasureFailed as e:
             trial.set_user_attr("failure", str(e))
             self.log(f"trial {trial.number}: measurement failed: {e}")
@@ -283,6 +310,9 @@ class _Search:
         trial.set_user_attr("figures", figures)
         trial.set_user_attr("measurement", {k: v for k, v in result.items() if k not in ("export_s", "measure_s")})
         trial.set_user_attr("measure_s", result["measure_s"])
+        if self.drift:
+            trial.set_user_attr("drift", self.drift)
+        self.measured += 1
         violations = {b.name: b.violation(figures) for b in s.budgets}
         for name, v in violations.items():
             trial.set_constraint(name, v)
@@ -325,19 +355,112 @@ class _Search:
             if self.duplicates_in_a_row >= MAX_CONSECUTIVE_DUPLICATES:
                 raise EdgeError(f"the sampler proposed {self.duplicates_in_a_row} measured candidates in a row; "
                                 f"the space looks exhausted at {finished} trials: lower --trials or widen --space")
+            if self.device_down and not self._wait_for_device(study):
+                return
+            if self.s.drift_every and self.measured % self.s.drift_every == 0 and self.drift_due != self.measured:
+                self._measure_reference()
             study.optimize(self.objective, n_trials=1, catch=(MeasureFailed,))
+
+    def _wait_for_device(self, study) -> bool:
+        """After a device dropped out: True once it answers again, False when the study is done without
+        it or it stayed away DEVICE_WAIT_S (the other devices go on)."""
+        end = time.monotonic() + DEVICE_WAIT_S
+        while time.monotonic() < end:
+            if sum(is_finished(t) for t in study.get_trials(deepcopy=False)) >= self.s.trials:
+                return False
+            if self.transport.wait_until_reachable(2.0):
+                self.device_down = False
+                self.log(f"device {self.transport.label} answers again")
+                return True
+        self.log(f"device {self.transport.label} unreachable for {DEVICE_WAIT_S} s; going on without it")
+        return False
+
+    def _measure_reference(self) -> None:
+        """Re-measure the fixed reference candidate on this device; its decode time against the first
+        measurement is the device's drift (a throttling device shows a ratio above 1)."""
+        self.drift_due = self.measured
+        try:
+            result = self.transport.measure_candidate(self.reference, self.s.measure)
+        except MeasureFailed as e:
+            self.log(f"drift reference: {e}")
+            if isinstance(e, DeviceUnavailable):
+                self.device_down = True
+            return
+        ms = summary(result, self.s.measure)["decode_ms"]
+        first = self.first_reference_ms = self.first_reference_ms or ms
+        self.drift = {"reference_decode_ms": round(ms, 4), "ratio": round(ms / first, 4), "after": self.measured}
+        with open(self.s.out / "drift.jsonl", "a") as f:
+            f.write(json.dumps({"device": self.transport.label, "time": time.time(), **self.drift}) + "\n")
+        self.log(f"drift reference: decode {ms:.3f} ms/token, {self.drift['ratio']:.3f}x the first")
 
 
 def run_search(settings: SearchSettings, log=print):
     """Open (or resume, or join) the study and run trials until it holds `settings.trials` finished ones."""
     settings.out.mkdir(parents=True, exist_ok=True)
     study = open_study(settings)
-    search = _Search(settings, log)
     before = sum(is_finished(t) for t in study.get_trials(deepcopy=False))
     if before:
         log(f"study {settings.study_name!r} holds {before} finished trials; running until {settings.trials}")
-    search.run(study)
+    from device.transport import transports
+
+    # a busy device (another host's search) is waited for, up to one measurement's time limit
+    devices = transports(settings.devices, settings.device_token_file, busy_wait_s=settings.measure.timeout_s)
+    for t in devices:  # an unreachable device, a wrong token or a missing engine: one line now, not later
+        t.check(SUFFIX[settings.measure.target])
+    reference = reference_artifact(settings) if settings.drift_every else None
+    searches = [_Search(settings, log, t, reference) for t in devices]
+    if len(searches) == 1:
+        searches[0].run(study)
+    else:  # one thread per device, each with one candidate in flight; the storage's bookkeeping is shared
+        import threading
+
+        # Optuna claims a queued trial by reading it WAITING then writing RUNNING; on SQLite (no row locks)
+        # two threads can both claim the same one, so this process's threads ask for trials one at a time
+        ask, asking = study.ask, threading.Lock()
+
+        def ask_one_at_a_time(*args, **kwargs):
+            with asking:
+                return ask(*args, **kwargs)
+
+        study.ask = ask_one_at_a_time
+        errors = []
+
+        def work(search):
+            try:
+                search.run(study)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in searches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    for t in devices:
+        t.close()
+    finished = sum(is_finished(t) for t in study.get_trials(deepcopy=False))
+    if finished < settings.trials:
+        raise EdgeError(f"no device left to measure on ({', '.join(t.label for t in devices)} unreachable); "
+                        f"{finished} of {settings.trials} trials finished and kept: restart the agents and rerun "
+                        "the same command to resume")
     return study
+
+
+def reference_artifact(settings: SearchSettings) -> Path:
+    """The drift reference: the space's first LFM2 layout, exported once into OUT/reference."""
+    workdir = settings.out / "reference"
+    artifact = workdir / f"model{SUFFIX[settings.measure.target]}"
+    if not artifact.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        params = space_mod.seed_params(settings.space)[0]
+        import optuna
+        config = space_mod.suggest(optuna.trial.FixedTrial(params), settings.space, settings.vocab_size).to_config()
+        (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+        (workdir / "settings.json").write_text(json.dumps(settings.measure.to_dict()))
+        _run_child(["export", str(workdir), str(settings.tokenizer_path)], settings.measure.timeout_s, "export")
+    return artifact
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -350,7 +473,8 @@ def trial_rows(study) -> list[dict]:
         if not is_finished(t):
             continue
         row = {"trial": t.number, "hash": t.user_attrs.get("hash"), "candidate": t.user_attrs.get("candidate"),
-               "seed_layout": t.user_attrs.get("seed_layout"), "worker": t.user_attrs.get("worker")}
+               "seed_layout": t.user_attrs.get("seed_layout"), "worker": t.user_attrs.get("worker"),
+               "device": t.user_attrs.get("device", "local"), "drift": t.user_attrs.get("drift")}
         if t.state == TrialState.COMPLETE:
             row.update(quality=t.values[0], decode_ms=t.values[1], feasible=t.user_attrs.get("feasible", False),
                        violations=dict(t.constraints), figures=t.user_attrs.get("figures", {}),

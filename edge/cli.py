@@ -1,4 +1,4 @@
-"""The `edge` command: init, info, export, run, bench, search (DESIGN.md §4).
+"""The `edge` command: init, info, export, run, bench, search, device serve (DESIGN.md §4).
 
 Every failure on bad input is one line on stderr and exit status 1; `--debug` shows the traceback.
 Heavy imports (torch, engines) happen inside the commands so `edge --help` is instant.
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache", help="KV-cache type for engines that pick it at load (gguf: f16|q8_0|q4_0)")
     s.add_argument("--json", metavar="FILE", help="write every record, with every sample, to FILE")
     s.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
+    s.add_argument("--device", metavar="URL", help="measure on the device agent at URL (`edge device serve`) "
+                   "instead of this machine; artifacts are uploaded once, by content")
+    s.add_argument("--device-token-file", metavar="F", help="file with the agent's token (default: the "
+                   "EDGE_DEVICE_TOKEN environment variable)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("search", help="hardware-in-the-loop architecture search under measured budgets")
@@ -176,7 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "size) every candidate gets (default: one trained on the default corpus, saved in OUT)")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads for measurements (default 1)")
+    s.add_argument("--device", action="append", metavar="URL", help="measure candidates on the device agent at "
+                   "URL (`edge device serve`); repeat for several devices of one kind, each kept busy with one "
+                   "candidate at a time (default: this machine)")
+    s.add_argument("--device-token-file", metavar="F", help="file with the agents' token (default: the "
+                   "EDGE_DEVICE_TOKEN environment variable)")
+    s.add_argument("--drift-every", type=int, default=0, metavar="K", help="re-measure a fixed reference "
+                   "candidate on each device every K candidates and record the drift (default 0: off)")
     s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("device", help="the device agent: `edge device serve` on the phone, board or laptop")
+    from device.agent import add_serve_parser
+    add_serve_parser(s.add_subparsers(dest="device_command", required=True, metavar="SUBCOMMAND"))
     return p
 
 

@@ -370,9 +370,13 @@ def main(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise EdgeError(f"-t must be at least 1, got {args.threads}")
-    records = bench_artifacts(args.artifacts, n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth,
-                              repetitions=args.repetitions, n_threads=args.threads, kv_cache=args.kv_cache,
-                              seed=args.seed, progress=True)
+    options = dict(n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth, repetitions=args.repetitions,
+                   n_threads=args.threads, kv_cache=args.kv_cache, seed=args.seed)
+    if getattr(args, "device", None):  # the device agent's transport (docs/design.md §4); else this process
+        from device.client import bench_on_device
+        records = bench_on_device(args.device, args.device_token_file, args.artifacts, **options)
+    else:
+        records = bench_artifacts(args.artifacts, progress=True, **options)
     print(format_table(records))
     if args.json:
         write_json(args.json, records)

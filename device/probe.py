@@ -1,0 +1,73 @@
+"""What the device is and how it is doing: CPU, engines and their versions, and where Linux exposes them,
+the cpufreq governor, the current frequency and the thermal zones' temperatures (docs/design.md §6)."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import socket
+from pathlib import Path
+
+# suffix -> (Python module that runs it, distribution whose version is recorded)
+ENGINES = {".gguf": ("llama_cpp", "llama-cpp-python"), ".pte": ("executorch", "executorch"),
+           ".onnx": ("onnxruntime", "onnxruntime")}
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def engines() -> dict:
+    """suffix -> version of each engine installed here (found without importing it)."""
+    out = {}
+    for suffix, (module, dist) in ENGINES.items():
+        if importlib.util.find_spec(module) is not None:
+            try:
+                out[suffix] = f"{dist} {importlib.metadata.version(dist)}"
+            except importlib.metadata.PackageNotFoundError:
+                out[suffix] = f"{dist} (version unknown)"
+    return out
+
+
+def cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def describe(name: str | None = None) -> dict:
+    """The static part of the device block every measurement carries."""
+    from runtime.bench import cpu_info
+
+    info = cpu_info()
+    return {"name": name or socket.gethostname(), "cpu_model": info["model"], "cores": info["cores"],
+            "cpus": cpus(), "machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "engines": engines()}
+
+
+def conditions() -> dict:
+    """Governor and frequency of the CPUs in use, and every thermal zone's temperature; empty where the
+    kernel does not expose them (containers, most phones without root)."""
+    out: dict = {}
+    cpufreq = {c: Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq") for c in cpus()}
+    governors = {c: _read(p / "scaling_governor") for c, p in cpufreq.items()}
+    if any(governors.values()):
+        out["governor"] = {str(c): g for c, g in governors.items() if g}
+    freqs = {c: _read(p / "scaling_cur_freq") for c, p in cpufreq.items()}
+    if any(freqs.values()):
+        out["freq_mhz"] = {str(c): int(f) / 1000 for c, f in freqs.items() if f and f.isdigit()}
+    temps = temperatures()
+    if temps:
+        out["temp_c"] = temps
+    return out
+
+
+def temperatures() -> dict:
+    temps = {}
+    for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
+        t = _read(zone / "temp")
+        if t and t.lstrip("-").isdigit():
+            temps[f"{zone.name}:{_read(zone / 'type') or '?'}"] = int(t) / 1000
+    return temps
