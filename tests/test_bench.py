@@ -1,7 +1,6 @@
 """`edge bench` and runtime.bench: llama-bench conventions, JSON fields, interleaving, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -122,8 +121,7 @@ def test_table_and_machine():
     assert "3.00 MiB" in table and "1.50 M" in table and "2.00 MiB" in table
 
 
-@pytest.mark.skipif(importlib.util.find_spec("export.gguf") is None or importlib.util.find_spec("runtime.llamacpp") is None,
-                    reason="GGUF exporter or llama.cpp backend not written yet")
+@pytest.mark.engine("llamacpp")
 def test_cli_two_ggufs(tiny_dir, tmp_path, capsys):
     from export import export_model
 

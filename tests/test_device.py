@@ -32,6 +32,9 @@ from edge.cli import main as edge
 from export import export_model
 from test_search import finished_trials, postgres_url  # noqa: F401 - the PostgreSQL fixture of the search tests
 
+# the agents measure GGUF artifacts: skipped, with the cause, where llama.cpp cannot run (tests/engines.py)
+pytestmark = pytest.mark.engine("llamacpp")
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-" + uuid.uuid4().hex
 BENCH = ["-p", "32", "-n", "32", "-r", "3", "-t", "1"]

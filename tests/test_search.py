@@ -150,6 +150,7 @@ def measured(tokenizer_file, tmp_path_factory):
     return out
 
 
+@pytest.mark.engine("llamacpp")
 def test_measured_figures_are_plausible(measured):
     (small, small_fig, _), (big, big_fig, big_s) = measured["small"], measured["largest"]
     # decode latency grows with depth and width (8 layers x 256 wide vs 3 x 64: several times the work)
@@ -167,6 +168,7 @@ def test_measured_figures_are_plausible(measured):
     assert big_s < 20, f"measuring the largest tiny candidate took {big_s:.1f} s"
 
 
+@pytest.mark.engine("llamacpp")
 def test_kv_bytes_grow_with_attention_blocks_and_context(measured):
     one, two = measured["small"][0], measured["small_2attn"][0]
     assert one["kv_bytes_at"]["64"] > 0
@@ -175,6 +177,7 @@ def test_kv_bytes_grow_with_attention_blocks_and_context(measured):
     assert one["kv_bytes"] == one["kv_bytes_at"]["64"]  # at the budget (decode) context
 
 
+@pytest.mark.engine("llamacpp")
 def test_a_hung_or_failing_child_costs_one_candidate(tokenizer_file, tmp_path):
     # a time limit the export cannot meet: the child is killed and the reason reported
     with pytest.raises(MeasureFailed, match="export timed out"):
@@ -200,6 +203,7 @@ def measured_hashes(*outs: Path) -> list[str]:
     return [json.loads(line)["hash"] for out in outs for line in (out / "measurements.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.engine("llamacpp")
 def test_search_front_holds_only_feasible_candidates(tmp_path, tokenizer_file):
     out, best = tmp_path / "out", tmp_path / "best"
     r = run_edge("search", *SEARCH, "--trials", "5", "--out", str(out), "--export-best", str(best),
@@ -227,6 +231,7 @@ def test_search_front_holds_only_feasible_candidates(tmp_path, tokenizer_file):
     assert (best / "checkpoint" / "config.json").exists() and (best / "checkpoint" / "tokenizer.json").exists()
 
 
+@pytest.mark.engine("llamacpp")
 def test_no_feasible_candidate_names_the_closest_budget(tmp_path, tokenizer_file):
     r = run_edge("search", "--target", "gguf", "--space", "tiny", "--budget", "prefill_ms@64=0.0001",
                  "--budget", "mem_mb=100000", "--trials", "2", "--out", str(tmp_path), "--tokenizer",
@@ -269,6 +274,7 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.engine("llamacpp")
 def test_killed_search_resumes_without_losing_or_remeasuring(tmp_path, tokenizer_file):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "edge.cli", "search", *SEARCH, "--trials", "4", "--out", str(out),
@@ -332,6 +338,7 @@ def postgres_url():
     return url
 
 
+@pytest.mark.engine("llamacpp")
 def test_two_workers_on_postgres_finish_n_trials_without_duplicates(tmp_path, tokenizer_file, postgres_url):
     study = f"test-{uuid.uuid4().hex[:8]}"
     outs = [tmp_path / "w1", tmp_path / "w2"]
@@ -387,6 +394,7 @@ def test_mqar_separates_attention_from_conv_only():
     assert params == config(["conv", "full_attention"]).n_params(include_embeddings=False) / 1e6
 
 
+@pytest.mark.engine("llamacpp")
 def test_lm_proxy_reports_a_validation_loss(tmp_path, tokenizer_file):
     import inspect
 
