@@ -89,18 +89,29 @@ def pytest_configure(config):
                             "cause when engines.py's probe finds it cannot run on this machine")
 
 
-# test modules that import an engine at the top: not even imported (which could crash pytest) when the
-# engine's probe fails; test_engines.py reports the cause
+# test modules that import an engine at the top: not even imported (an import could crash pytest) when the
+# engine's probe fails; the module is reported skipped with the cause and test_engines.py fails
 ENGINE_MODULES = {"test_gguf.py": "llamacpp", "test_executorch.py": "executorch", "test_onnx.py": "onnxruntime"}
 
 
-def pytest_ignore_collect(collection_path, config):
+class EngineDownModule(pytest.Module):
+    cause = ""
+
+    def collect(self):
+        pytest.skip(self.cause, allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
     from engines import engine_failure, start_probes
 
-    engine = ENGINE_MODULES.get(collection_path.name)
+    engine = ENGINE_MODULES.get(module_path.name)
     if engine:
         start_probes(*ENGINE_MODULES.values())  # side by side, while this one is awaited
-        return True if engine_failure(engine) else None
+        cause = engine_failure(engine)
+        if cause:
+            module = EngineDownModule.from_parent(parent, path=module_path)
+            module.cause = f"{engine} cannot run on this machine: {cause}"
+            return module
     return None
 
 

@@ -35,9 +35,10 @@ def install_script():
 
 
 def ggml_cpu_library() -> Path:
-    import llama_cpp
+    import importlib.util
 
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu*.so"))
+    package = Path(importlib.util.find_spec("llama_cpp").origin).parent  # found, not imported: it may crash
+    libs = sorted((package / "lib").glob("libggml-cpu*.so"))
     assert libs, "llama_cpp ships no libggml-cpu library"
     return libs[0]
 
