@@ -82,3 +82,13 @@ def reference():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def op_library():
+    """Our ExecuTorch op library (libedge_ops.so), built by the same function the install runs
+    (`python -m runtime.et_kernels build`) if missing or stale, once per session: no test skips for want of it."""
+    pytest.importorskip("executorch")
+    from runtime.et_kernels import build
+
+    return build()
