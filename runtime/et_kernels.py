@@ -117,7 +117,11 @@ def library_path() -> Path:
 
 
 def _executorch_dirs() -> tuple[Path, Path]:
-    from executorch.extension.pybindings import _portable_lib
+    try:
+        from executorch.extension.pybindings import _portable_lib
+    except ImportError as e:
+        raise EdgeError(f"the ExecuTorch runtime is not importable ({e}); install the project's pinned "
+                        "executorch (`pip install -e .`)") from None
 
     portable_lib = Path(_portable_lib.__file__)  # executorch/extension/pybindings/_portable_lib*.so
     return portable_lib.parents[2], portable_lib
@@ -156,11 +160,12 @@ def _read_stamp(library: Path) -> dict | None:
         return None
 
 
-def build(library: Path | None = None, march: str = "native", force: bool = False) -> Path:
+def build(library: Path | None = None, march: str | None = None, force: bool = False) -> Path:
     """Build the op library with CMake against the installed executorch wheel (idempotent: an up-to-date
-    library is kept). `march` is the -march the kernels are compiled for; the default, native, suits a
-    build that runs on the machine that uses it, which the install does."""
+    library is kept). `march` is the -march the kernels are compiled for; by default the existing
+    library's, else native, which suits a build that runs on the machine that uses it, as the install does."""
     library = Path(library or library_path())
+    march = march or (_read_stamp(library) or {}).get("march", "native")
     stamp = _stamp(march)
     if library.exists() and _read_stamp(library) == stamp and not force:
         return library
@@ -199,12 +204,15 @@ def build(library: Path | None = None, march: str = "native", force: bool = Fals
 
 
 def _first_error(output: str) -> str:
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    """The line that says what went wrong: a compiler/linker diagnostic, else CMake's error message."""
+    lines = [ln.strip() for ln in output.splitlines()]
+    diagnostic = next((ln for ln in lines if "error:" in ln.lower()), None)
+    if diagnostic:
+        return diagnostic
     for i, line in enumerate(lines):
-        if "error" in line.lower():
-            # CMake puts the message on the line after "CMake Error at ...:"
-            return f"{line} {lines[i + 1]}" if line.endswith(":") and i + 1 < len(lines) else line
-    return lines[-1] if lines else "no output"
+        if line.startswith("CMake Error"):  # its message follows on the next lines, broken by blank ones
+            return " ".join([line, *(ln for ln in lines[i + 1:i + 6] if ln)])[:300]
+    return next((ln for ln in reversed(lines) if ln), "no output")
 
 
 def load_kernels() -> Path:
@@ -238,8 +246,8 @@ def main(argv=None) -> int:
                                 description="Build the ExecuTorch op library of our int8 KV-cache kernels.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help=f"build it (if out of date) at {library_path()} and print its path")
-    b.add_argument("--march", default="native", help="-march of the kernels (default native: this machine's "
-                   "CPU; e.g. x86-64-v3 for an environment copied between x86 machines)")
+    b.add_argument("--march", help="-march of the kernels (default: the existing library's, else native, this "
+                   "machine's CPU; e.g. x86-64-v3 for an environment copied between x86 machines)")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = p.parse_args(argv)
     try:
