@@ -90,7 +90,8 @@ def main():
     threads = set_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     methods, export_s = {}, {}
-    from runtime.et_kernels import load_kernels
+    from runtime.et_kernels import build, load_kernels
+    build()  # the install's step, a no-op when the op library is up to date
     load_kernels()
     for kv, attention in (("fp32", "custom"), ("fp32", "plain"), ("int8", "custom"), ("int8", "llama"),
                           ("int8", "plain")):

@@ -56,6 +56,8 @@ def cmd_info(args):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if getattr(session, "op_library", None):  # a fixed "op library: PATH" line, for scripts to find it
+        print(f"op library: {session.op_library}")
 
 
 def cmd_export(args):
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", help="weight format: gguf f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k; "
                    "executorch fp32|8da8w|8da4w; onnx fp32|int8|int4 (default: each format's 8-bit)")
     s.add_argument("--kv-cache", help="KV-cache precision stored with the artifact: gguf f16|q8_0|q4_0; "
-                   "executorch fp32|int8; onnx fp32|fp16|int8")
+                   "executorch fp32|int8|int8-stock (int8 with ExecuTorch's stock ops only, for runners without "
+                   "our op library); onnx fp32|fp16|int8")
     s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
     s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w: "
                    "default 32; onnx int4: default 128, or 64/32 where 128 does not divide the hidden size)")

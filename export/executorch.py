@@ -7,7 +7,8 @@ between `execute()` calls of a loaded method:
     (grouped, never expanded): fp32 written with `llama::update_cache` and read by `llama::custom_sdpa`;
     int8 (int8 values plus one fp32 scale per (position, kv head), symmetric) written by our
     `edge::int8_update_cache` and read by our `edge::int8_sdpa` (runtime/et_kernels.py says why
-    ExecuTorch's own int8 kernel is not used);
+    ExecuTorch's own int8 kernel is not used by default; `int8-stock` uses it, `llama::update_cache` +
+    `llama::custom_quantized_sdpa`, for runners without our op library);
   - per conv layer the last conv_L_cache-1 columns of B*x, [1, hidden, L_cache-1].
 Both custom kernels attend only to positions < start_pos+T, so stale K/V of an earlier sequence are
 never read; the conv state is zeroed inside the graph whenever input_pos is 0. A new sequence therefore
@@ -39,9 +40,13 @@ from edge.tokenizer import tokenizer_json
 from runtime.et_kernels import define_ops, quantize_symmetric
 
 QUANTS = ("fp32", "8da8w", "8da4w")
-KV_CACHES = ("fp32", "int8")
+# int8: our kernels (runtime/et_kernels.py), which need our op library in the runner; int8-stock: the same
+# int8 cache written with llama::update_cache and read by llama::custom_quantized_sdpa, ExecuTorch's stock
+# ops, for runners that cannot link our library (prebuilt ExecuTorch packages), slower on x86 (README)
+KV_CACHES = ("fp32", "int8", "int8-stock")
 DEFAULT_QUANT = "8da8w"     # the CLI's rule: each format's 8-bit weights by default
 DEFAULT_KV_CACHE = "fp32"   # fastest (custom_sdpa); int8 saves ~3.7x cache memory at mean cos ~0.9999, slower
+OP_LIBRARY = "libedge_ops"  # what a .pte with kv_cache int8 records in edge_metadata.op_library
 EMBEDDING_QUANTS = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
 DEFAULT_PREFILL_CHUNK = 128
@@ -65,7 +70,7 @@ class BufferCache(nn.Module):
         super().__init__()
         self.config, self.max_seq_len, self.kv_cache = config, max_seq_len, kv_cache
         # "custom": llama::custom_sdpa (fp32) / our edge::int8_sdpa (int8); "llama": llama::custom_quantized_sdpa
-        # (int8); "plain": ATen ops. Only "custom" is exported by the CLI; the others are kept for the A/B benchmark.
+        # (int8; the CLI's --kv-cache int8-stock); "plain": ATen ops, kept for the A/B benchmark only.
         self.attention = attention
         kv_shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
         for i in config.attention_layers:
@@ -93,7 +98,7 @@ class BufferCache(nn.Module):
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0, True)
         else:
             k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
-            if self.attention == "llama":  # ExecuTorch's own int8 kernel, kept for the A/B benchmark
+            if self.attention == "llama":  # ExecuTorch's stock ops only: runs in any prebuilt runner
                 (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
                 torch.ops.llama.update_cache(kq, k_cache, start_pos)
                 torch.ops.llama.update_cache(ks, k_scales, start_pos)
@@ -308,6 +313,10 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk)
     prefill_chunk = min(prefill_chunk, max_seq_len)
     skipped = prepare_model(model, quant, group_size, embedding_quant)
+    if kv_cache == "int8-stock":  # the same cache, ExecuTorch's own int8 attention kernel
+        kv_cache, attention, kv_label = "int8", "llama", "int8-stock"
+    else:
+        kv_label = kv_cache
     wrapper = ExportedLM(model, BufferCache(config, max_seq_len, kv_cache, attention)).eval()
 
     # example T >= 2 so export keeps T symbolic (0 and 1 get specialized)
@@ -319,12 +328,14 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     except Exception as e:
         raise EdgeError(f"torch.export of {model_dir} failed: {str(e).splitlines()[0]}") from e
 
-    metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_cache,
+    ours = kv_cache == "int8" and attention == "custom"
+    metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_label,
                     group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
                     max_seq_len=max_seq_len, unquantized_linears=skipped,
-                    # our kernels the runtime must load before the forward method (runtime/et_kernels.py)
-                    custom_kernels=["edge::int8_sdpa", "edge::int8_update_cache"]
-                    if kv_cache == "int8" and attention == "custom" else [])
+                    # our kernels the runtime must load before the forward method, and the library that
+                    # holds them (runtime/et_kernels.py; `edge info` prints its installed path)
+                    custom_kernels=["edge::int8_sdpa", "edge::int8_update_cache"] if ours else [],
+                    op_library=OP_LIBRARY if ours else None)
     constant_methods = {
         # read by ExecuTorch's LLM runner (extension/llm/runner/constants.h)
         "get_max_seq_len": prefill_chunk,   # the runner's name for the most tokens one forward takes

@@ -20,7 +20,7 @@ from edge.tokenizer import load_tokenizer
 
 from .session import Session
 
-KV_ELEMENT_BYTES = {"fp32": 4, "int8": 1}
+KV_ELEMENT_BYTES = {"fp32": 4, "int8": 1, "int8-stock": 1}
 
 
 def _runtime():
@@ -93,9 +93,10 @@ class ExecuTorchSession(Session):
         try:
             meta = json.loads(_text(self.program.load_method("edge_metadata")))
             tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
+            self.op_library = None  # the absolute path of our op library when the program needs it
             if meta.get("custom_kernels"):
                 from .et_kernels import load_kernels
-                load_kernels()
+                self.op_library = str(load_kernels())  # prebuilt at install; one-line error if missing
             global _pool_in_use
             _pool_in_use = True
             self.forward = self.program.load_method("forward")
@@ -130,7 +131,7 @@ class ExecuTorchSession(Session):
 
     def _kv_bytes(self, positions: int) -> int:
         vectors = self.config.kv_vectors(positions)
-        scale_bytes = 4 if self.kv_cache == "int8" else 0  # one fp32 scale per (position, kv head)
+        scale_bytes = 4 if self.kv_cache != "fp32" else 0  # int8: one fp32 scale per (position, kv head)
         return vectors * (self.config.head_dim * KV_ELEMENT_BYTES[self.kv_cache] + scale_bytes)
 
     def kv_cache_bytes(self) -> int:

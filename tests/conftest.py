@@ -84,6 +84,16 @@ def reference():
     return get
 
 
+@pytest.fixture(scope="session")
+def op_library():
+    """Our ExecuTorch op library (libedge_ops.so), built by the same function the install runs
+    (`python -m runtime.et_kernels build`) if missing or stale, once per session: no test skips for want of it."""
+    pytest.importorskip("executorch")
+    from runtime.et_kernels import build
+
+    return build()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine(name, ...): needs that engine's native code; skipped with the "
                             "cause when engines.py's probe finds it cannot run on this machine")

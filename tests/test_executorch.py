@@ -1,13 +1,17 @@
 """ExecuTorch exporter and backend (issue 4): .pte artifacts run by executorch.runtime vs the reference.
 
 Exports are slow (about a minute each on 2 cores), so three artifacts cover every axis, each built once
-per session: tiny fp32/fp32 ("exact"), mqa 8da8w + int8 KV + int8 embedding ("8bit": int8 cache, 8-bit
-weights, one KV head), trained tiny 8da4w + int8 KV + int4 embedding through the CLI at --max-seq-len
-2048 ("4bit"). The prefill chunk is 16, so the protocol's 32-token prefill is itself chunked.
+per session: tiny fp32/fp32 ("exact"), trained mqa 8da8w + int8-stock KV + int8 embedding ("8bit": the int8 cache
+in ExecuTorch's stock ops, 8-bit weights, one KV head), trained tiny 8da4w + int8 KV (our kernels) + int4
+embedding through the CLI at --max-seq-len 2048 ("4bit"). The prefill chunk is 16, so the protocol's
+32-token prefill is itself chunked. The two int8 artifacts also run in ExecuTorch's stock LLM runner.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -29,7 +33,9 @@ CHUNK = 16
 # name -> (checkpoint variant, quant, kv cache, embedding quant, DESIGN §5 bound)
 VARIANTS = {
     "fp32": ("tiny", "fp32", "fp32", "none", "exact"),
-    "mqa-8da8w-int8kv": ("mqa", "8da8w", "int8", "int8", "8bit"),
+    # trained too: the stock runner's Python callback needs whole UTF-8 characters, which a random model's
+    # byte tokens are not
+    "mqa-8da8w-int8stock": ("trained:mqa", "8da8w", "int8-stock", "int8", "8bit"),
     # trained: 4-bit rounding noise compounds through a random-weight (chaotic) model to mean cos ~0.97
     # in any engine; conftest's trained checkpoints have the peaked logits the §5 bounds describe
     "8da4w-int8kv": ("trained:tiny", "8da4w", "int8", "int4", "4bit"),
@@ -37,8 +43,8 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="session")
-def pte(tmp_path_factory, checkpoints):
-    """variant name -> .pte path, exported once per session on first use."""
+def pte(tmp_path_factory, checkpoints, op_library):
+    """variant name -> .pte path, exported once per session on first use (our op library built first)."""
     built = {}
 
     def get(name):
@@ -92,6 +98,13 @@ def test_chunked_prefill_matches_reference(sessions, checkpoints):
     assert m["rel"] <= 1e-3 and m["top1_match"] == 1.0, m
 
 
+def _edge_metadata(path) -> dict:
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path)
+    return json.loads(bytes(program.load_method("edge_metadata").execute([])[0].numpy()).decode())
+
+
 def test_metadata_for_executorch_runner_and_ours(pte, sessions, tokenizer):
     from executorch.runtime import Runtime
 
@@ -102,7 +115,7 @@ def test_metadata_for_executorch_runner_and_ours(pte, sessions, tokenizer):
     assert value["get_max_seq_len"] == [CHUNK] and value["get_max_context_len"] == [MAX_SEQ_LEN]
     assert value["get_vocab_size"] == [1024] and value["get_bos_id"] == [1] and value["get_eos_ids"] == [7]
     assert value["use_kv_cache"] == [True] and value["enable_dynamic_shape"] == [True]
-    meta = json.loads(bytes(program.load_method("edge_metadata").execute([])[0].numpy()).decode())
+    meta = _edge_metadata(pte("fp32"))
     assert (meta["quant"], meta["kv_cache"], meta["prefill_chunk"]) == ("fp32", "fp32", CHUNK)
     s = sessions("fp32")
     assert (s.quant, s.kv_cache, s.max_seq_len, s.config.num_key_value_heads) == ("fp32", "fp32", MAX_SEQ_LEN, 2)
@@ -130,7 +143,7 @@ def test_quantized_file_is_smaller(pte):
     assert sizes["8da4w-int8kv"] < 0.4 * sizes["fp32"], sizes
 
 
-@pytest.mark.parametrize("name", ["mqa-8da8w-int8kv", "8da4w-int8kv"])
+@pytest.mark.parametrize("name", ["mqa-8da8w-int8stock", "8da4w-int8kv"])
 def test_quantized_linears_run_inside_xnnpack(pte, name):
     """The dynamically quantized linears are spelled so that XNNPACK takes each one whole: a pattern it
     stopped recognizing would leave matmuls and (de)quantize ops to the slow portable kernels, which the
@@ -202,8 +215,116 @@ def test_bad_export_options(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "x.pte").exists()
 
 
+# ExecuTorch's stock LLM runner (the Python binding of the C++ TextLLMRunner that llama_main and the demo
+# apps use) in a fresh process that can import nothing of ours: ExecuTorch's own kernel libraries, then
+# each given shared library loaded as a plain .so, then greedy generation. Writes JSON to argv[4].
+STOCK_RUNNER = r"""
+import ctypes, json, os, sys
+pte, tokenizer, prompt, out, n, libraries = *sys.argv[1:5], int(sys.argv[5]), sys.argv[6:]
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: kernels
+from executorch.kernels import quantized  # noqa: F401  quantized_decomposed:: kernels
+for library in libraries:
+    ctypes.CDLL(library, mode=os.RTLD_GLOBAL)
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+from pytorch_tokenizers import CppHFTokenizer  # the C++ tokenizer the runner uses, for its prompt ids
+
+tokens = CppHFTokenizer()
+tokens.load(tokenizer)
+pieces, stats = [], []
+runner = TextLLMRunner(pte, tokenizer)
+runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=n, temperature=0.0, num_bos=1),
+                token_callback=pieces.append, stats_callback=stats.append)
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("edge", "runtime", "export"))
+json.dump({"pieces": pieces, "prompt_ids": tokens.encode(prompt, 1, 0), "prompt_tokens": stats[-1].num_prompt_tokens,
+           "ours_imported": ours}, open(out, "w"))
+"""
+PROMPT = "for i in range("  # the trained tiny model continues it with several distinct tokens
+
+
+def _stock_runner(pte_path, tokenizer_json, tmp_path, libraries=(), n=24) -> subprocess.CompletedProcess:
+    """STOCK_RUNNER in a child process without our code on its path; its result is in tmp_path/runner.json."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours importable
+    return subprocess.run([sys.executable, "-c", STOCK_RUNNER, str(pte_path), str(tokenizer_json), PROMPT,
+                           str(tmp_path / "runner.json"), str(n), *map(str, libraries)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _runtime_greedy(path, ids, n=24):
+    s = runtime.load(path, n_threads=1)
+    s.reset()
+    tokens = list(s.generate(ids, max_new_tokens=n))
+    return s, tokens, [s.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+
+
+@pytest.mark.parametrize("name,ours_loaded", [("8da4w-int8kv", True), ("mqa-8da8w-int8stock", False)])
+def test_stock_executorch_runner_generates_what_runtime_generates(name, ours_loaded, pte, checkpoints, op_library,
+                                                                  tmp_path):
+    """Issue 18's bar: the default int8-KV .pte (trained tiny, our kernels) runs in ExecuTorch's own
+    TextLLMRunner with our op library loaded as a plain shared library, and the int8-stock .pte with no
+    library of ours at all; both generate greedily the tokens runtime.load generates."""
+    tokenizer_json = checkpoints(VARIANTS[name][0]) / "tokenizer.json"
+    done = _stock_runner(pte(name), tokenizer_json, tmp_path, [op_library] if ours_loaded else [])
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((tmp_path / "runner.json").read_text())
+    assert got["ours_imported"] == []
+    # the runner's prompt ids: ExecuTorch's tokenizer adds BOS only through tokenizer.json's post-processor,
+    # which our tiny tokenizers lack, so the same ids are ours without BOS
+    s, tokens, pieces = _runtime_greedy(pte(name), got["prompt_ids"])
+    assert got["prompt_ids"] == s.encode(PROMPT, add_bos=False) and got["prompt_tokens"] == len(got["prompt_ids"])
+    assert got["pieces"] == pieces, (got["pieces"], pieces)
+    if name == "8da4w-int8kv":  # trained: a real continuation, not one token repeated
+        assert len(set(tokens)) > 1, tokens
+
+
+def test_stock_runner_without_our_library_refuses_our_kernels(pte, checkpoints, tmp_path):
+    """The negative control of the test above: without libedge_ops the stock runner cannot load our .pte."""
+    done = _stock_runner(pte("8da4w-int8kv"), checkpoints("trained:tiny") / "tokenizer.json", tmp_path, n=4)
+    assert done.returncode != 0 and "edge::int8_sdpa" in done.stdout + done.stderr
+
+
+def test_op_library_in_metadata_and_edge_info(pte, op_library, capsys):
+    from export.executorch import OP_LIBRARY
+
+    assert _edge_metadata(pte("8da4w-int8kv"))["op_library"] == OP_LIBRARY
+    assert _edge_metadata(pte("mqa-8da8w-int8stock"))["op_library"] is None
+    for name, expected in (("8da4w-int8kv", f"op library: {op_library}"), ("mqa-8da8w-int8stock", None)):
+        assert edge_main(["info", str(pte(name))]) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("op library")]
+        assert lines == ([expected] if expected else []), lines
+    assert op_library.is_absolute()
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale"])
+def test_missing_or_stale_op_library_is_one_line(damage, pte, op_library, tmp_path, monkeypatch):
+    import shutil
+
+    from runtime import et_kernels
+
+    library = tmp_path / et_kernels.LIBRARY_NAME
+    if damage == "stale":  # a library whose stamp says another kernel source
+        shutil.copyfile(op_library, library)
+        stamp = json.loads(op_library.with_suffix(".json").read_text())
+        library.with_suffix(".json").write_text(json.dumps(dict(stamp, source="0" * 16)))
+    monkeypatch.setattr(et_kernels, "library_path", lambda: library)
+    monkeypatch.setattr(et_kernels, "_loaded", None)  # as in a fresh process
+    with pytest.raises(EdgeError) as e:
+        runtime.load(pte("8da4w-int8kv"))
+    message = str(e.value)
+    assert "\n" not in message and str(library) in message and et_kernels.BUILD_COMMAND in message
+
+
+def test_build_is_idempotent_and_prints_one_line(op_library, capsys):
+    from runtime import et_kernels
+
+    before = op_library.stat().st_mtime_ns
+    assert et_kernels.main(["build"]) == 0
+    assert capsys.readouterr().out == f"op library: {op_library}\n"
+    assert op_library.stat().st_mtime_ns == before  # up to date: not rebuilt
+
+
 def _kernel_method(module, example, dynamic_shapes, out):
-    """`module` exported alone (no delegation) with our kernels loaded: its forward in the ExecuTorch runtime."""
+    """`module` exported alone (no delegation) with our kernels loaded from the CMake-built op library (the
+    `op_library` fixture builds it): its forward in the ExecuTorch runtime."""
     from executorch.exir import to_edge
 
     from export.executorch import load_custom_ops
@@ -228,7 +349,7 @@ class Int8AttentionOnly(torch.nn.Module):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (6, 1, 20)])  # GQA; MQA with an odd head_dim
-def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path):
+def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path, op_library):
     """Our ExecuTorch kernel (runtime/kernels/int8_sdpa.cpp) == its torch reference, on the decode path
     (T <= 4, int8 read in place) and the prefill path (T > 4, dequantized blocks of 16 queries)."""
     from runtime.et_kernels import int8_sdpa_reference, quantize_symmetric
@@ -251,10 +372,11 @@ def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path
 def test_kernel_build_failure_is_one_line(tmp_path, monkeypatch):
     from runtime import et_kernels
 
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails without output
-    with pytest.raises(EdgeError, match="building the int8 KV-cache kernel .* --kv-cache fp32") as e:
-        et_kernels._build(tmp_path / "lib.so", *et_kernels._executorch_dirs())
-    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())  # nothing half-written left behind
+    monkeypatch.setenv("CXX", "false")  # a "compiler" CMake rejects
+    with pytest.raises(EdgeError, match="building the op library failed: .*CMake >= 3.19") as e:
+        et_kernels.build(tmp_path / et_kernels.LIBRARY_NAME)
+    assert "\n" not in str(e.value)
+    assert [f.name for f in tmp_path.iterdir()] == ["build.log"]  # nothing half-written left behind
 
 
 class Int8CacheWriter(torch.nn.Module):
@@ -273,7 +395,7 @@ class Int8CacheWriter(torch.nn.Module):
         return self.cache.clone(), self.scales.clone()
 
 
-def test_int8_cache_writer_kernel_matches_torch(tmp_path):
+def test_int8_cache_writer_kernel_matches_torch(tmp_path, op_library):
     """Our cache writer in the ExecuTorch runtime == its torch reference: scales to float precision, int8
     values equal up to a rounding tie (the kernel is built with -ffast-math), rows written only where asked."""
     from runtime.et_kernels import int8_update_cache_reference
