@@ -13,6 +13,7 @@ Why a script and not a bare `pip install -e .`: llama-cpp-python compiles llama.
 - pip caches a built wheel under its version alone, so a wheel compiled on another CPU or with other
   flags would be reused silently. We build with pip's cache off and keep the wheel in our own cache,
   keyed by the version, the flags, the compiler and the CPU's feature flags.
+Then our ExecuTorch op library (`python -m runtime.et_kernels build`, CMake against the executorch wheel).
 Everything else comes from `pyproject.toml`. Uses only the standard library.
 """
 from __future__ import annotations
@@ -147,6 +148,9 @@ def main() -> None:
 
     target = f".[{args.extras}]" if args.extras else "."
     run([*pip, "install", "-e", target], cwd=ROOT)  # llama-cpp-python's pin is already satisfied above
+    # our ExecuTorch kernels (edge::int8_sdpa, edge::int8_update_cache) as a shared library, built with
+    # CMake against the executorch wheel; a .pte with the int8 KV cache needs it (docs/design.md §11)
+    run([str(python), "-m", "runtime.et_kernels", "build"], cwd=ROOT)
     print(f"installed hybrid-edge into {venv} in {time.monotonic() - start:.0f} s "
           f"(llama.cpp {t_llama:.0f} s); run it with {python.parent}/edge", flush=True)
 
