@@ -114,6 +114,18 @@ def test_genai_folder_config_and_tokenizer(onnx_folder, trained):
     assert tokenizer.decode(chat.session.encode(PROMPT)[1:]) == PROMPT
 
 
+def test_genai_folder_with_external_data(trained, tmp_path, monkeypatch):
+    """Past protobuf's 2 GiB the folder keeps the weights in model.onnx.data (the limit lowered here)."""
+    import export.genai
+
+    monkeypatch.setattr(export.genai, "SINGLE_FILE_LIMIT", 0)
+    folder = export_model("onnx", trained, tmp_path / "big", quant="fp32", kv_cache="fp32", max_seq_len=64)
+    assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
+    session = load(folder)
+    ids = session.encode(PROMPT)
+    assert genai_greedy(folder, ids, n=8) == greedy(session, ids, n=8)
+
+
 def test_onnx_single_file_still_written(trained, tmp_path):
     out = export_model("onnx", trained, tmp_path / "tiny.onnx", quant="fp32", kv_cache="fp32", max_seq_len=64)
     assert out.is_file() and load(out).chat_template == LFM2_CHAT_TEMPLATE
