@@ -2,7 +2,8 @@
 
 Each format module exposes QUANTS, KV_CACHES, DEFAULT_QUANT, DEFAULT_KV_CACHE and
 `export(model_dir, out, quant, kv_cache, max_seq_len, **options) -> Path`, which writes atomically
-(edge.files.atomic_path): an interrupted export leaves nothing under the output name.
+(edge.files.atomic_path, or atomic_dir for the ONNX model folder): an interrupted export leaves nothing
+under the output name.
 """
 from __future__ import annotations
 
