@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge.errors import EdgeError
-
 from export.genai import is_model_folder, model_file
 
 from .session import Session
