@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from .errors import EdgeError
@@ -72,7 +73,7 @@ def read_chat_template(model_dir: str | Path) -> str | None:
 
 def _compile(template: str):
     """The template compiled in transformers' environment: sandboxed, trim_blocks/lstrip_blocks,
-    loop controls, its `tojson` (no ASCII escaping) and `raise_exception`."""
+    loop controls, its `tojson` (no ASCII escaping), `raise_exception` and `strftime_now`."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -86,6 +87,7 @@ def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except TemplateError as e:

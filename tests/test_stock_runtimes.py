@@ -183,9 +183,10 @@ def test_llamacpp_chat_uses_the_gguf_template(default_gguf):
 TURNS = ["What does argparse do?", "And json?", "Thanks. One more: pathlib?"]
 
 
-@pytest.mark.parametrize("engine", ["pytorch", "gguf"])
-def test_chat_keeps_the_cache_between_turns(engine, trained, default_gguf):
-    path, options = (trained, {}) if engine == "pytorch" else (default_gguf, {"kv_cache": "q8_0"})
+@pytest.mark.parametrize("engine", ["pytorch", "gguf", "onnx"])
+def test_chat_keeps_the_cache_between_turns(engine, trained, default_gguf, onnx_folder):
+    path, options = {"pytorch": (trained, {}), "gguf": (default_gguf, {"kv_cache": "q8_0"}),
+                     "onnx": (onnx_folder("int4", "int8"), {})}[engine]
     chat = Chat(load(path, **options))
     fresh = load(path, **options)
     for i, turn in enumerate(TURNS):
@@ -326,3 +327,8 @@ def test_lfm2_layout_exports(fmt, out, lfm2_layout, tmp_path):
     a, b = artifact.prefill(ids), reference.prefill(ids)
     cos = float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos > 0.99, f"{fmt} default export of the LFM2 layout: logits cos {cos:.4f} to the reference"
+    # chat on it: one bos (the template's, not the post-processor's too), the cache kept on the second turn
+    chat = Chat(artifact)
+    chat.reply("Hi", max_new_tokens=4)
+    chat.reply("More", max_new_tokens=4)
+    assert chat.prompt_tokens[:2] == [1, 6] and 0 < chat.prefilled < len(chat.prompt_tokens)
