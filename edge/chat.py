@@ -144,7 +144,8 @@ class Chat:
 
     def _new_prompt_ids(self) -> list[int]:
         text = self.prompt()
-        if self.session.n_past and text.startswith(self.cached_text):
+        kept = self.session.n_past and self.session.n_past == len(self.tokens)  # nobody else used the session
+        if kept and text.startswith(self.cached_text):
             new = text[len(self.cached_text):]
         else:
             self.session.reset()
