@@ -172,10 +172,11 @@ class Chat:
                 yield text[len(shown):]
                 shown = text
         reply = tok.decode(out, skip_special_tokens=True)
-        # generate() never feeds its last token (the end-of-turn token, or the n-th) back into the cache:
-        # the next turn's prompt text starts with it
-        self.cached_text += tok.decode(out[:-1], skip_special_tokens=False)
-        self.tokens += out[:-1]
+        # generate() feeds each token back into the cache except one it stops on (the end-of-turn token, or
+        # at max_seq_len): the next turn's prompt text then starts with that token's text
+        fed = out[:self.session.n_past - len(self.tokens)]
+        self.cached_text += tok.decode(fed, skip_special_tokens=False)
+        self.tokens += fed
         self.reply_tokens = out
         self.messages.append({"role": "assistant", "content": reply})
 

@@ -203,6 +203,7 @@ def test_chat_keeps_the_cache_between_turns(engine, trained, default_gguf, onnx_
         expected = list(fresh.generate(chat.prompt_tokens, max_new_tokens=12))
         assert chat.reply_tokens == expected
         assert "".join(reply) == chat.messages[-1]["content"]
+        assert chat.session.n_past == len(chat.tokens)
 
 
 def test_chat_prompt_matches_transformers(trained):
