@@ -67,14 +67,24 @@ def cmd_export(args):
                                      prefill_chunk=args.prefill_chunk).items() if v is not None}
     out = export_model(args.format, args.model_dir, args.output, quant=args.quant, kv_cache=args.kv_cache,
                        max_seq_len=args.max_seq_len, **options)
-    print(f"wrote {out} ({Path(out).stat().st_size / 2**20:.2f} MiB)")
+    out = Path(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 2**20:.2f} MiB)")
 
 
 def cmd_run(args):
     import runtime
 
+    if not args.prompt and not args.chat:
+        from edge.errors import EdgeError
+        raise EdgeError("give --prompt TEXT, or --chat for a conversation")
     options = {"kv_cache": args.kv_cache} if args.kv_cache else {}
     session = runtime.load(args.artifact, n_threads=args.threads, **options)
+    if args.chat:
+        from edge.chat import run_chat
+        run_chat(session, first=args.prompt, system=args.system, max_new_tokens=args.n,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        return
     for piece in session.stream_text(args.prompt, max_new_tokens=args.n, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
@@ -116,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a checkpoint to GGUF, ExecuTorch or ONNX")
     s.add_argument("format", choices=EXPORT_FORMATS, help="target format")
     s.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face LFM2 checkpoint directory")
-    s.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact path to write")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact path to write; onnx: a path "
+                   "without .onnx writes an onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer)")
     s.add_argument("--quant", help="weight format: gguf f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k; "
                    "executorch fp32|8da8w|8da4w; onnx fp32|int8|int4 (default: each format's 8-bit)")
     s.add_argument("--kv-cache", help="KV-cache precision stored with the artifact: gguf f16|q8_0|q4_0; "
@@ -130,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(longer prompts are split; default 128)")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("run", help="generate text from a prompt, streaming it")
+    s = sub.add_parser("run", help="generate text from a prompt, or chat (--chat), streaming it")
     s.add_argument("artifact", metavar="ARTIFACT", help=".gguf/.pte/.onnx artifact or checkpoint directory")
-    s.add_argument("--prompt", required=True, help="prompt text")
-    s.add_argument("-n", type=int, default=64, help="most tokens to generate (default 64)")
+    s.add_argument("--prompt", help="prompt text (with --chat: the first user turn)")
+    s.add_argument("--chat", action="store_true", help="multi-turn chat with the artifact's chat template: "
+                   "one user turn per line of stdin, the cache kept between turns; ends at EOF or /exit")
+    s.add_argument("--system", help="with --chat: a system message")
+    s.add_argument("-n", type=int, default=64, help="most tokens to generate (per turn with --chat; default 64)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")

@@ -1,7 +1,8 @@
 """Tokenizer handling: the checkpoint's tokenizer.json through the `tokenizers` library.
 
 `train_tokenizer` makes a byte-level BPE with LFM2's special tokens at LFM2's ids (pad 0, bos 1,
-eos `<|im_end|>` 7), so ids and chat markers mean the same thing as in the real models.
+eos `<|im_end|>` 7), so ids and chat markers mean the same thing as in the real models; `save_tokenizer`
+gives the checkpoint LFM2's chat template too, so chat runs on tiny models as on real ones.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .chat import LFM2_CHAT_TEMPLATE
 from .errors import EdgeError
 from .files import atomic_path, write_json
 
@@ -60,7 +62,7 @@ def save_tokenizer(tok: Tokenizer, model_dir: str | Path) -> None:
     write_json(model_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
         "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID], "add_bos_token": True,
-        "model_max_length": 1_000_000})
+        "model_max_length": 1_000_000, "chat_template": LFM2_CHAT_TEMPLATE})
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:

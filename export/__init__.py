@@ -2,7 +2,8 @@
 
 Each format module exposes QUANTS, KV_CACHES, DEFAULT_QUANT, DEFAULT_KV_CACHE and
 `export(model_dir, out, quant, kv_cache, max_seq_len, **options) -> Path`, which writes atomically
-(edge.files.atomic_path): an interrupted export leaves nothing under the output name.
+(edge.files.atomic_path, or atomic_dir for the ONNX model folder): an interrupted export leaves nothing
+under the output name.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def export_model(fmt: str, model_dir, out, quant: str | None = None, kv_cache: s
                  max_seq_len: int | None = None, **options) -> Path:
     module = format_module(fmt)
     out = Path(out)
-    if out.suffix != FORMATS[fmt][1]:
-        raise EdgeError(f"output {out} should end in {FORMATS[fmt][1]} for format {fmt}")
+    # onnx: a path without .onnx is an onnxruntime-genai model folder (export/genai.py)
+    folder = fmt == "onnx" and out.suffix not in {ext for _, ext in FORMATS.values()}
+    if out.suffix != FORMATS[fmt][1] and not folder:
+        raise EdgeError(f"output {out} should end in {FORMATS[fmt][1]} for format {fmt}"
+                        + (" (or have no suffix: a model folder)" if fmt == "onnx" else ""))
     quant = quant or module.DEFAULT_QUANT
     kv_cache = kv_cache or module.DEFAULT_KV_CACHE
     if quant not in module.QUANTS:

@@ -36,6 +36,7 @@ from edge.checkpoint import load_model
 from edge.errors import EdgeError
 from edge.model import RMSNorm, causal_mask, grouped_attention
 from edge.files import atomic_path
+from edge.chat import read_chat_template
 from edge.tokenizer import tokenizer_json
 from runtime.et_kernels import define_ops, quantize_symmetric
 
@@ -332,6 +333,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_label,
                     group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
                     max_seq_len=max_seq_len, unquantized_linears=skipped,
+                    chat_template=read_chat_template(model_dir),  # edge/chat.py; None if it has none
                     # our kernels the runtime must load before the forward method, and the library that
                     # holds them (runtime/et_kernels.py; `edge info` prints its installed path)
                     custom_kernels=["edge::int8_sdpa", "edge::int8_update_cache"] if ours else [],

@@ -7,7 +7,8 @@ The file is what `convert_hf_to_gguf.py` (class LFM2Model) would write, so unmod
   final norm of lfm2), conv kernels squeezed to [hidden, L_cache], `output.weight` only when untied;
 - tokenizer: byte-level BPE as `gpt2` tokens, token types, merges, special ids and a pre-tokenizer
   name, plus the checkpoint's tokenizer.json under `tokenizer.huggingface.json` so `runtime.load`
-  reproduces the tokenizer exactly (the standard keys alone also suffice).
+  reproduces the tokenizer exactly (the standard keys alone also suffice); the checkpoint's chat
+  template as `tokenizer.chat_template`.
 
 Weight formats: f32, f16, bf16, q8_0 and q4_0 are quantized by gguf-py and written directly; the
 K-quants go through llama.cpp's own quantizer (`llama_model_quantize`) from an f32 GGUF written first.
@@ -29,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TokenType
 
+from edge.chat import read_chat_template
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
@@ -237,6 +239,9 @@ def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: str, path: Path
     try:
         add_model_metadata(w, config, Path(model_dir).resolve().name, max_seq_len)
         add_tokenizer_metadata(w, tokenizer, config)
+        chat_template = read_chat_template(model_dir)
+        if chat_template:  # llama.cpp's key: llama-cli, llama-server and llama-cpp-python's chat use it
+            w.add_chat_template(chat_template)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string(KV_CACHE_KEY, kv_cache)

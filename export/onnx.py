@@ -28,7 +28,9 @@ runtime/onnxruntime.py does). The fp16 graph (MultiHeadAttention over concatenat
 input: its positions come from the past length.
 The conv state keeps the newest conv_L_cache-1 columns of B*x (DESIGN.md §3), as the onnxruntime-genai
 builder's `past.{i}.conv` does. Everything `runtime.load` needs (config, tokenizer,
-quant, KV format, max_seq_len) is in the model's metadata_props under the `edge.` keys.
+quant, KV format, max_seq_len, chat template) is in the model's metadata_props under the `edge.` keys.
+An output path without the .onnx suffix gets an onnxruntime-genai model folder around the same graph
+(export/genai.py), which `og.Model(DIR)` and `runtime.load(DIR)` both open.
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge.chat import read_chat_template
 from edge.checkpoint import load_model
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
 from edge.model import causal_mask, grouped_attention, rope_cos_sin
 from edge.tokenizer import tokenizer_json
+from export.genai import SINGLE_FILE_LIMIT, write_model_folder
 from runtime.onnxruntime import ATTENTION_MASK, META_PREFIX, present_name
 
 QUANTS = ("fp32", "int8", "int4")
@@ -128,7 +132,8 @@ class OnnxStep(nn.Module):
 
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
            group_size: int | None = None, **ignored) -> Path:
-    """Write `out` (.onnx, one file) from the checkpoint in model_dir; see the module docstring."""
+    """Write `out` from the checkpoint in model_dir: one .onnx file, or, for a path without the .onnx
+    suffix, an onnxruntime-genai model folder (export/genai.py); see the module docstring."""
     import onnx
 
     unused = [k for k, v in ignored.items() if v is not None]
@@ -147,17 +152,23 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         if scales is not None:
             graph = quantize_kv_cache(graph, config, scales)
         graph = quantize_weights(graph, quant, group_size, config)
+    chat_template = read_chat_template(model_dir)
     metadata = {"config": json.dumps(config.to_dict()), "tokenizer": tokenizer_text, "quant": quant,
                 "kv_cache": kv_cache, "max_seq_len": str(max_seq_len),
                 "group_size": str(group_size if quant == "int4" else 0),
                 "io": "see export/onnx.py: input_ids, attention_mask (GQA graphs), past_key_values.{i}.key/value, "
                       "past_conv.{i} -> logits [1,1,vocab], present.{i}.*, present_conv.{i}"}
+    if chat_template:
+        metadata["chat_template"] = chat_template
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=META_PREFIX + key, value=value)
-    if graph.ByteSize() >= 2**31:
+    if out.suffix != ".onnx":
+        return write_model_folder(out, graph, model_dir=model_dir, config=config, tokenizer_text=tokenizer_text,
+                                  kv_cache=kv_cache, max_seq_len=max_seq_len, chat_template=chat_template)
+    if graph.ByteSize() >= SINGLE_FILE_LIMIT:
         raise EdgeError(f"the {quant} ONNX model of {model_dir} exceeds protobuf's 2 GiB single-file limit; "
-                        "export with --quant int8 or int4")
+                        "export to a folder (an output path without .onnx) or with --quant int8 or int4")
     with atomic_path(out) as tmp:
         onnx.save_model(graph, str(tmp))
     return out

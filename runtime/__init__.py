@@ -2,12 +2,14 @@
 
     from runtime import load
     s = load("model.gguf")          # .gguf / .pte / .onnx / Hugging Face checkpoint directory
+    s = load("model_dir")           # an onnxruntime-genai model folder (`edge export onnx -o DIR`) too
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from edge.errors import EdgeError
+from export.genai import is_model_folder, model_file
 
 from .session import Session
 
@@ -21,6 +23,8 @@ BACKENDS = {
 
 def engine_for(path: str | Path) -> str:
     path = Path(path)
+    if is_model_folder(path):
+        return "onnxruntime"
     if path.is_dir():
         return "pytorch"
     if path.suffix not in BACKENDS:
@@ -36,6 +40,11 @@ def load(path: str | Path, n_threads: int | None = None, **options) -> Session:
     path = Path(path)
     if not path.exists():
         raise EdgeError(f"{path} does not exist; give an exported artifact or a checkpoint directory")
+    if is_model_folder(path):  # an onnxruntime-genai folder: our session runs the graph its config names
+        from .onnxruntime import OnnxSession
+        session = OnnxSession(model_file(path), n_threads=n_threads, **options)
+        session.path = str(path)
+        return session
     if path.is_dir():
         from .reference import ReferenceSession
         return ReferenceSession(path, n_threads=n_threads, **options)

@@ -287,8 +287,9 @@ def _import_engine(runtime, path: Path) -> None:
     still pays that in load_ms)."""
     import importlib
 
-    if path.is_dir():
-        importlib.import_module("runtime.reference")
+    if path.is_dir():  # a checkpoint (the PyTorch reference) or an onnxruntime-genai model folder
+        onnx_folder = runtime.engine_for(path) == "onnxruntime"
+        importlib.import_module("runtime.onnxruntime" if onnx_folder else "runtime.reference")
     elif path.suffix in runtime.BACKENDS:
         importlib.import_module(runtime.BACKENDS[path.suffix][0])
 

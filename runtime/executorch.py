@@ -111,6 +111,7 @@ class ExecuTorchSession(Session):
         super().__init__(config, tokenizer, meta["max_seq_len"], threads,
                          quant=meta["quant"], kv_cache=meta["kv_cache"], path=str(path))
         self.metadata = meta
+        self.chat_template = meta.get("chat_template")
         self.prefill_chunk = meta["prefill_chunk"]
 
     def _forward(self, ids):

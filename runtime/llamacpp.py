@@ -133,7 +133,8 @@ def read_gguf(path: Path) -> dict:
                                          _field(reader, Keys.Tokenizer.MERGES))
     file_type = _field(reader, Keys.General.FILE_TYPE, required=False)
     return dict(config=config, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
-                kv_cache=_field(reader, KV_CACHE_KEY, default="f16"))
+                kv_cache=_field(reader, KV_CACHE_KEY, default="f16"),
+                chat_template=_field(reader, Keys.Tokenizer.CHAT_TEMPLATE, required=False))
 
 
 def _quant_name(file_type) -> str:
@@ -184,6 +185,7 @@ class LlamaCppSession(Session):
         n_threads = n_threads or max((os.cpu_count() or 2) // 2, 1)  # llama-cpp-python's default
         super().__init__(config, info["tokenizer"], max_seq_len or info["context_length"], n_threads,
                          quant=info["quant"], kv_cache=kv_cache, path=str(path))
+        self.chat_template = info["chat_template"]
         self.model = self.ctx = self.batch = None
         self._load(path)
 

@@ -78,6 +78,7 @@ class OnnxSession(Session):
                             "re-export with a larger --max-seq-len")
         super().__init__(config, tokenizer, max_seq_len or exported_max, n_threads, quant=meta["quant"],
                          kv_cache=meta["kv_cache"], path=str(path))
+        self.chat_template = meta.get("chat_template")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.state_names = [n for n in self.inputs if n not in ("input_ids", ATTENTION_MASK)]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edge.chat import read_chat_template
 from edge.checkpoint import load_model
 from edge.model import DynamicCache
 from edge.tokenizer import load_tokenizer
@@ -23,6 +24,7 @@ class ReferenceSession(Session):
         if n_threads:
             torch.set_num_threads(n_threads)
         self.cache = DynamicCache(config)
+        self.chat_template = read_chat_template(model_dir)
 
     @torch.inference_mode()
     def _forward(self, ids):

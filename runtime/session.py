@@ -16,6 +16,7 @@ from edge.errors import EdgeError
 
 class Session:
     engine = "?"
+    chat_template: str | None = None  # the artifact's chat template (edge/chat.py), where it carries one
 
     def __init__(self, config: HybridConfig, tokenizer, max_seq_len: int, n_threads: int | None = None,
                  quant: str = "f32", kv_cache: str = "f32", path: str = ""):
@@ -91,7 +92,9 @@ class Session:
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         self._need_tokenizer()
-        ids = self.tokenizer.encode(text).ids
+        # bos is added here, not by the tokenizer: a tokenizer.json whose post-processor also adds it
+        # (LiquidAI's) would otherwise give two
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.config.bos_token_id, *ids] if add_bos else ids
 
     def stream_text(self, prompt: str, **generate_kwargs) -> Iterator[str]:
