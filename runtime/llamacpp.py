@@ -27,6 +27,7 @@ from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from edge.tokenizer import load_tokenizer
 from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES, check_llamacpp_can_run
 
 from .session import Session
@@ -126,8 +127,7 @@ def read_gguf(path: Path) -> dict:
         raise EdgeError(f"{path}: {e}") from None
     hf_json = _field(reader, Keys.Tokenizer.HF_JSON, required=False)
     if hf_json:
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_str(hf_json)
+        tokenizer = load_tokenizer(hf_json)
     else:
         tokenizer = tokenizer_from_vocab(tokens, _field(reader, Keys.Tokenizer.TOKEN_TYPE, required=False),
                                          _field(reader, Keys.Tokenizer.MERGES))
