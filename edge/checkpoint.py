@@ -50,10 +50,11 @@ def _open_shards(model_dir: Path):
 
     for shard in weight_shards(model_dir):
         try:
-            yield model_dir / shard, safe_open(model_dir / shard, framework="pt")
+            f = safe_open(model_dir / shard, framework="pt")
         except (SafetensorError, OSError) as e:
             raise EdgeError(f"cannot read {model_dir / shard}: {first_line(e)}; "
                             "the file is corrupt or truncated") from None
+        yield model_dir / shard, f
 
 
 def expected_shapes(config: HybridConfig) -> dict[str, tuple[int, ...]]:

@@ -127,8 +127,8 @@ class ExecuTorchSession(Session):
                 raise
             except Exception as e:  # noqa: BLE001 - the pybindings raise RuntimeError, KeyError, ...
                 error = e
-        if error is not None:  # ExecuTorch's own reason is in its log; the exception only says "failed"
-            reason = next((line for line in reversed(log) if "cpuinfo" not in line), first_line(error))
+        if error is not None:  # ExecuTorch's reason is its first log line; the exception only says "failed"
+            reason = next((line for line in log if "cpuinfo" not in line), first_line(error))
             raise EdgeError(f"cannot load {path} in ExecuTorch ({reason}); the file is corrupt or not written "
                             "by `edge export executorch`, re-export it")
         if kv_cache and kv_cache != meta["kv_cache"]:

@@ -108,6 +108,10 @@ def read_gguf(path: Path) -> dict:
     if len(kv) != n_layers:
         raise EdgeError(f"{path}: head_count_kv has {len(kv)} entries for {n_layers} layers; the file is corrupt")
     tokens = _field(reader, Keys.Tokenizer.LIST)
+    # llama.cpp aborts the process (GGML_ASSERT in llama-vocab.cpp) on a token list with a repeated token
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or len(set(tokens)) < len(tokens):
+        raise EdgeError(f"{path}: tokenizer.ggml.tokens is not a list of distinct strings; the file is corrupt, "
+                        "re-export it")
     tensor_names = {t.name for t in reader.tensors}
     context = key(Keys.LLM.CONTEXT_LENGTH)
     try:

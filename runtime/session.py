@@ -92,7 +92,8 @@ class Session:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         self._need_tokenizer()
         ids = self.tokenizer.encode(text).ids
-        return [self.config.bos_token_id, *ids] if add_bos else ids
+        bos = self.config.bos_token_id  # None: a model without one (config.json's bos_token_id null)
+        return [bos, *ids] if add_bos and bos is not None else ids
 
     def stream_text(self, prompt: str, **generate_kwargs) -> Iterator[str]:
         """Yield printable text pieces as tokens are generated (complete UTF-8 characters only)."""

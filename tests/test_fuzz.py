@@ -494,3 +494,62 @@ def test_campaign(tmp_path):
 def test_valid_inputs_load_in_the_child(kind, artifact, loader):
     """The baseline of every property above: the unmutated input loads and runs."""
     assert load_and_run(loader, artifact(kind), ENGINE[kind])
+
+
+# ---- findings of the fuzzing, kept as regular tests (crafted inputs built here) ------------------------
+def replaced(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert len(old) == len(new) and old in data, old
+    return data.replace(old, new, 1)
+
+
+def test_gguf_with_a_corrupt_embedded_tokenizer(artifact, loader, tmp_path):
+    """Found by test_flipped_bytes[gguf-metadata]: a control character in the embedded tokenizer.json made
+    `tokenizers` raise a bare Exception (`error: Exception: control character ...`, not an EdgeError)."""
+    path = write_mutated(artifact("gguf"), "gguf", replaced(raw_bytes(artifact("gguf")), b'"<|pad|>"', b'"<|p\x01d|>"'),
+                         tmp_path)
+    assert not load_and_run(loader, path, "llamacpp")
+    assert "embedded in the artifact" in loader("info", path).err
+
+
+def test_onnx_with_undecodable_metadata(artifact, loader, tmp_path):
+    """Found by test_flipped_bytes[onnx-metadata]: a metadata value that is not UTF-8 made ONNX Runtime's
+    get_modelmeta() raise UnicodeDecodeError (`error: UnicodeDecodeError: ...`)."""
+    data = raw_bytes(artifact("onnx"))
+    key = data.index(b"edge.quant")
+    value = data.index(b"fp32", key)
+    data = data[:value] + b"\xe5p32" + data[value + 4:]
+    path = write_mutated(artifact("onnx"), "onnx", data, tmp_path)
+    assert not load_and_run(loader, path, "onnxruntime")
+    assert "unreadable metadata" in loader("info", path).err
+
+
+def test_pte_whose_delegate_data_key_is_corrupt(artifact, loader, tmp_path):
+    """Found by test_flipped_bytes[executorch-metadata]: a flipped byte in the key of XNNPACK's constant data
+    fails the forward method's init, and ExecuTorch printed its C++ log (XNNCompiler.cpp, method.cpp) above
+    our error: now those lines are captured and the last one is quoted in the single error line."""
+    import re
+
+    data = raw_bytes(artifact("executorch"))
+    key = re.search(rb"[0-9a-f]{64}", data).group()
+    path = write_mutated(artifact("executorch"), "executorch", replaced(data, key, b"g" + key[1:]), tmp_path)
+    assert not load_and_run(loader, path, "executorch")
+    assert "XNNCompiler.cpp" in loader("info", path).err
+
+
+def test_gguf_with_a_repeated_token(artifact, loader, tmp_path):
+    """Found by the campaign (test_flipped_bytes[gguf-metadata], one bit of a token string): two equal
+    tokens in tokenizer.ggml.tokens made llama.cpp abort the process (SIGABRT, `GGML_ASSERT(id_to_token.size()
+    == token_to_id.size())` in llama-vocab.cpp); read_gguf now refuses the list before llama.cpp sees it."""
+    length = (2).to_bytes(8, "little")  # gguf strings: u64 length, then the bytes; "¡" becomes "¢"
+    data = replaced(raw_bytes(artifact("gguf")), length + "¡".encode(), length + "¢".encode())
+    path = write_mutated(artifact("gguf"), "gguf", data, tmp_path)
+    assert not load_and_run(loader, path, "llamacpp")
+    assert "distinct strings" in loader("info", path).err
+
+
+def test_checkpoint_without_a_bos_token(tiny_dir, loader, tmp_path):
+    """Found by the campaign (test_config_mutations): `"bos_token_id": null` is a valid config (HF allows
+    it), but `edge run` then failed with `TypeError: int() ... 'NoneType'`; now the prompt gets no bos."""
+    config = json.loads((tiny_dir / "config.json").read_text()) | {"bos_token_id": None}
+    ckpt = checkpoint_copy(tiny_dir, fresh_dir(tmp_path, "ckpt"), config=config)
+    assert one_line_or_ok(loader("run", ckpt, "--prompt", "hello", "-n", "2"))
