@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
 from edge.tokenizer import load_tokenizer
 from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES, check_llamacpp_can_run
 
@@ -77,7 +77,11 @@ def _field(reader: gguf.GGUFReader, key: str, default=None, required: bool = Tru
         if required and default is None:
             raise EdgeError(f"{reader.data.filename} lacks the GGUF key {key}; re-export it with `edge export gguf`")
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError) as e:  # e.g. a string that is not UTF-8
+        raise EdgeError(f"{reader.data.filename}: the GGUF key {key} is unreadable ({first_line(e)}); the file is "
+                        "corrupt, re-export it") from None
 
 
 def read_gguf(path: Path) -> dict:
