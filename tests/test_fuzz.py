@@ -391,7 +391,7 @@ def tensor_mutations(draw, state: dict):
                                          "model.layers.99.ffn_norm.weight"]))
             state[name] = t.clone()
         else:
-            t = t.clone()
+            t = t.clone() if t.is_floating_point() else t.float()  # an int tensor holds no NaN/Inf
             t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"),
                                                                                    float("-inf")]))
             state[name] = t
