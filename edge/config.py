@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
 
 LAYER_TYPES = ("conv", "full_attention")
+# Sizes above any real model's (LFM2 and larger families: vocab <= 262k, hidden <= 16k, <= 128 layers, 10M
+# context): a bigger value is a corrupt config.json or artifact header, refused before it sizes an allocation.
+LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**20, "num_hidden_layers": 1024,
+          "num_attention_heads": 2**12, "num_key_value_heads": 2**12, "conv_L_cache": 64,
+          "max_position_embeddings": 2**24}
 
 
 @dataclass
@@ -34,11 +40,12 @@ class HybridConfig:
     block_multiple_of: int = 256
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
-    pad_token_id: int = 0
-    bos_token_id: int = 1
-    eos_token_id: int = 7
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 7
 
     def __post_init__(self):
+        check_types(self)  # before anything below computes with a field of the wrong type
         if not self.layer_types:  # HF semantics: with neither field set, every layer is attention
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         self.layer_types = list(self.layer_types)
@@ -107,12 +114,17 @@ class HybridConfig:
              f"{self.num_key_value_heads}; pick kv heads that divide the heads")
         need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} (hidden_size / num_attention_heads) is odd; "
              "rotary embeddings need an even head_dim")
-        need(isinstance(self.conv_L_cache, int) and self.conv_L_cache >= 2,
+        for name, limit in LIMITS.items():
+            need(getattr(self, name) <= limit, f"{name} {getattr(self, name)} is above {limit}, larger than any "
+                 "real model; the config or the artifact is corrupt")
+        need(self.conv_L_cache >= 2,
              f"conv_L_cache must be an integer >= 2 (the short conv kernel size), got {self.conv_L_cache!r}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.block_multiple_of > 0, f"block_multiple_of must be positive, got {self.block_multiple_of}")
-        need(self.ffn_dim > 0, f"the effective FFN width is {self.ffn_dim}; raise intermediate_size")
+        need(0 < self.ffn_dim <= LIMITS["intermediate_size"],
+             f"the effective FFN width is {self.ffn_dim}; set intermediate_size and the block_* fields so that "
+             f"it is in 1..{LIMITS['intermediate_size']}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             need(value is None or 0 <= value < self.vocab_size,
@@ -121,6 +133,8 @@ class HybridConfig:
     # ---- Hugging Face config.json ------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "HybridConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"invalid config: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         if d.get("model_type", "lfm2") != "lfm2":
             raise ConfigError(f"invalid config: model_type is {d['model_type']!r}, expected 'lfm2'")
@@ -139,8 +153,11 @@ class HybridConfig:
             n = d.get("num_hidden_layers", cls.num_hidden_layers)
             idxs = d.get("full_attn_idxs")
             idxs = list(range(n)) if idxs is None else idxs
+            if not isinstance(n, int) or not isinstance(idxs, list) or n > LIMITS["num_hidden_layers"]:
+                raise ConfigError(f"invalid config: num_hidden_layers {n!r} / full_attn_idxs {idxs!r} "
+                                  "do not describe the layers; give layer_types, one entry per layer")
             d["layer_types"] = ["full_attention" if i in idxs else "conv" for i in range(n)]
-        if isinstance(d.get("eos_token_id"), list):
+        if isinstance(d.get("eos_token_id"), list) and d["eos_token_id"]:
             d["eos_token_id"] = d["eos_token_id"][0]
         names = {f.name for f in dataclasses.fields(cls)}
         try:
@@ -171,6 +188,25 @@ class HybridConfig:
 
     def replace(self, **changes) -> "HybridConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_types(config: HybridConfig) -> None:
+    """Every field has its annotated JSON type (bool is not an int here, an int is a float), so a
+    config.json with e.g. "hidden_size": "128" is one ConfigError rather than a TypeError later."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,)}
+    for f in dataclasses.fields(config):
+        value, allowed = getattr(config, f.name), f.type.split(" | ")
+        if value is None and "None" in allowed:
+            continue
+        if f.type == "list[str]":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value)
+        else:
+            kind = kinds[allowed[0]]
+            ok = isinstance(value, kind) and (bool in kind or not isinstance(value, bool))
+            ok = ok and (not isinstance(value, float) or math.isfinite(value))
+        if not ok:
+            raise ConfigError(f"invalid config: {f.name} must be {f.type.replace('list[str]', 'a list of strings')}, "
+                              f"got {value!r:.60}")
 
 
 # The shapes of the real family (DESIGN.md §2) plus a tiny one for tests and demos.

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .chat import LFM2_CHAT_TEMPLATE
-from .errors import EdgeError
+from .errors import EdgeError, first_line
 from .files import atomic_path, write_json
 
 SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>",
@@ -66,15 +66,19 @@ def save_tokenizer(tok: Tokenizer, model_dir: str | Path) -> None:
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:
-    """From a checkpoint directory, a tokenizer.json path, or the JSON text itself."""
-    if isinstance(source, str) and source.lstrip().startswith("{"):
-        return Tokenizer.from_str(source)
-    path = Path(source)
-    path = path / "tokenizer.json" if path.is_dir() else path
+    """From a checkpoint directory, a tokenizer.json path, or the JSON text itself (what artifacts embed:
+    a text that is no plausible path, even with a corrupt first byte, is read as JSON)."""
+    if isinstance(source, str) and (source.lstrip().startswith("{") or "\n" in source or len(source) > 4096):
+        where, read = "the tokenizer.json embedded in the artifact", lambda: Tokenizer.from_str(source)
+    else:
+        path = Path(source)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        where, read = f"tokenizer {path}", lambda: Tokenizer.from_file(str(path))
     try:
-        return Tokenizer.from_file(str(path))
+        return read()
     except Exception as e:  # tokenizers raises a bare Exception for both missing and malformed files
-        raise EdgeError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        raise EdgeError(f"cannot read {where}: {first_line(e)}; it is missing "
+                        "or corrupt") from None
 
 
 def tokenizer_json(model_dir: str | Path) -> str:

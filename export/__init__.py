@@ -3,7 +3,9 @@
 Each format module exposes QUANTS, KV_CACHES, DEFAULT_QUANT, DEFAULT_KV_CACHE and
 `export(model_dir, out, quant, kv_cache, max_seq_len, **options) -> Path`, which writes atomically
 (edge.files.atomic_path, or atomic_dir for the ONNX model folder): an interrupted export leaves nothing
-under the output name.
+under the output name. `export_model` validates the checkpoint first (edge.checkpoint.check_checkpoint),
+so a checkpoint whose weights do not match its config.json is one error line and no file, whatever the
+format.
 """
 from __future__ import annotations
 
@@ -41,4 +43,8 @@ def export_model(fmt: str, model_dir, out, quant: str | None = None, kv_cache: s
     max_seq_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
     if max_seq_len < 1:
         raise EdgeError(f"--max-seq-len must be positive, got {max_seq_len}")
+    from edge.checkpoint import check_checkpoint  # imports torch: only when exporting
+
+    # one check for every format, before anything is written: config, tensors, tokenizer, finite weights
+    check_checkpoint(model_dir)
     return module.export(Path(model_dir), out, quant=quant, kv_cache=kv_cache, max_seq_len=max_seq_len, **options)

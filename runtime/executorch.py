@@ -7,7 +7,12 @@ it only rewinds n_past. Prompts longer than the exported prefill chunk are run c
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 from edge.config import HybridConfig
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
 from edge.tokenizer import load_tokenizer
 
 from .session import Session
@@ -68,6 +73,39 @@ def execute(method, inputs: list):
         torch.set_num_threads(previous)
 
 
+# edge_metadata fields the session reads, and their JSON types
+META_TYPES = {"config": dict, "quant": str, "kv_cache": str, "max_seq_len": int, "prefill_chunk": int}
+
+
+def _constant(program, name: str, default):
+    """A constant method's value (e.g. get_max_context_len, which sizes the K/V buffers), or default."""
+    return program.load_method(name).execute([])[0] if name in program.method_names else default
+
+
+ET_LOG = re.compile(r"\[[\w.]+:\d+\] |[DIWEF] \d\d:\d\d:\d\d\.\d+ executorch:")  # its two log formats
+
+
+@contextlib.contextmanager
+def native_log():
+    """Capture what is written to the process's stderr (fd 2) inside the block: ExecuTorch's C++ log lines
+    (the cpuinfo probe of the first load, the loader's reason for refusing a program) are kept in the
+    yielded list, never printed; anything else written meanwhile is passed on to stderr."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            for line in f.read().decode("utf-8", errors="replace").splitlines():
+                lines.append(line) if ET_LOG.match(line) else print(line, file=sys.stderr)
+
+
 def _text(method) -> str:
     return bytes(method.execute([])[0].numpy().tobytes()).decode("utf-8")
 
@@ -80,30 +118,19 @@ class ExecuTorchSession(Session):
         runtime = _runtime()
         # before any method is loaded: XNNPACK binds the pool at method init, and resizing it under a
         # loaded method crashes the process (glibc __pthread_tpp_change_priority assertion)
-        threads = set_threads(n_threads)
-        try:
-            self.program = runtime.load_program(path)
-            names = self.program.method_names
-        except Exception as e:
-            raise EdgeError(f"cannot load {path}: not a valid ExecuTorch program ({str(e).splitlines()[0]}); "
-                            "re-export it with `edge export executorch`") from None
-        if "edge_metadata" not in names:
-            raise EdgeError(f"{path} was not written by `edge export executorch` (no edge_metadata method); "
-                            "re-export it")
-        try:
-            meta = json.loads(_text(self.program.load_method("edge_metadata")))
-            tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
-            self.op_library = None  # the absolute path of our op library when the program needs it
-            if meta.get("custom_kernels"):
-                from .et_kernels import load_kernels
-                self.op_library = str(load_kernels())  # prebuilt at install; one-line error if missing
-            global _pool_in_use
-            _pool_in_use = True
-            self.forward = self.program.load_method("forward")
-        except EdgeError:
-            raise
-        except Exception as e:
-            raise EdgeError(f"cannot load {path}: {str(e).splitlines()[0]}; re-export it") from None
+        with native_log() as log:  # ExecuTorch's C++ log lines would print above our one-line error
+            threads = set_threads(n_threads)
+            try:
+                meta, tokenizer = self._open(runtime, path)
+                error = None
+            except EdgeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the pybindings raise RuntimeError, KeyError, ...
+                error = e
+        if error is not None:  # ExecuTorch's reason is its first log line; the exception only says "failed"
+            reason = next((line for line in log if "cpuinfo" not in line), first_line(error))
+            raise EdgeError(f"cannot load {path} in ExecuTorch ({reason}); the file is corrupt or not written "
+                            "by `edge export executorch`, re-export it")
         if kv_cache and kv_cache != meta["kv_cache"]:
             raise EdgeError(f"{path.name} has a {meta['kv_cache']} KV cache, fixed at export; drop --kv-cache "
                             f"or re-export with `edge export executorch --kv-cache {kv_cache}`")
@@ -113,6 +140,30 @@ class ExecuTorchSession(Session):
         self.metadata = meta
         self.chat_template = meta.get("chat_template")
         self.prefill_chunk = meta["prefill_chunk"]
+
+    def _open(self, runtime, path: Path):
+        """Load the program and its methods; returns (metadata, tokenizer). Sets self.program/forward."""
+        self.program = runtime.load_program(path)
+        if "edge_metadata" not in self.program.method_names:
+            raise EdgeError(f"{path} was not written by `edge export executorch` (no edge_metadata method); "
+                            "re-export it")
+        meta = json.loads(_text(self.program.load_method("edge_metadata")))
+        bad = next((k for k, kind in META_TYPES.items() if not isinstance(meta.get(k), kind)
+                    or (kind is int and meta[k] < 1)), None) if isinstance(meta, dict) else "edge_metadata"
+        if bad:
+            raise EdgeError(f"{path}: edge_metadata has no valid {bad!r}; the file is corrupt, re-export it")
+        if meta["max_seq_len"] != _constant(self.program, "get_max_context_len", meta["max_seq_len"]):
+            raise EdgeError(f"{path}: edge_metadata's max_seq_len {meta['max_seq_len']} differs from the program's "
+                            "get_max_context_len; the file is corrupt, re-export it")
+        tokenizer = load_tokenizer(_text(self.program.load_method("edge_tokenizer_json")))
+        self.op_library = None  # the absolute path of our op library when the program needs it
+        if meta.get("custom_kernels"):
+            from .et_kernels import load_kernels
+            self.op_library = str(load_kernels())  # prebuilt at install; one-line error if missing
+        global _pool_in_use
+        _pool_in_use = True
+        self.forward = self.program.load_method("forward")
+        return meta, tokenizer
 
     def _forward(self, ids):
         logits = None

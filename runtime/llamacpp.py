@@ -26,7 +26,8 @@ from gguf import GGMLQuantizationType as QType
 from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
+from edge.tokenizer import load_tokenizer
 from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES, check_llamacpp_can_run
 
 from .session import Session
@@ -76,7 +77,11 @@ def _field(reader: gguf.GGUFReader, key: str, default=None, required: bool = Tru
         if required and default is None:
             raise EdgeError(f"{reader.data.filename} lacks the GGUF key {key}; re-export it with `edge export gguf`")
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError) as e:  # e.g. a string that is not UTF-8
+        raise EdgeError(f"{reader.data.filename}: the GGUF key {key} is unreadable ({first_line(e)}); the file is "
+                        "corrupt, re-export it") from None
 
 
 def read_gguf(path: Path) -> dict:
@@ -107,6 +112,10 @@ def read_gguf(path: Path) -> dict:
     if len(kv) != n_layers:
         raise EdgeError(f"{path}: head_count_kv has {len(kv)} entries for {n_layers} layers; the file is corrupt")
     tokens = _field(reader, Keys.Tokenizer.LIST)
+    # llama.cpp aborts the process (GGML_ASSERT in llama-vocab.cpp) on a token list with a repeated token
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or len(set(tokens)) < len(tokens):
+        raise EdgeError(f"{path}: tokenizer.ggml.tokens is not a list of distinct strings; the file is corrupt, "
+                        "re-export it")
     tensor_names = {t.name for t in reader.tensors}
     context = key(Keys.LLM.CONTEXT_LENGTH)
     try:
@@ -126,8 +135,7 @@ def read_gguf(path: Path) -> dict:
         raise EdgeError(f"{path}: {e}") from None
     hf_json = _field(reader, Keys.Tokenizer.HF_JSON, required=False)
     if hf_json:
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_str(hf_json)
+        tokenizer = load_tokenizer(hf_json)
     else:
         tokenizer = tokenizer_from_vocab(tokens, _field(reader, Keys.Tokenizer.TOKEN_TYPE, required=False),
                                          _field(reader, Keys.Tokenizer.MERGES))

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge.config import HybridConfig
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
 from edge.tokenizer import load_tokenizer
 
 from .session import Session
@@ -32,13 +32,11 @@ REQUIRED_META = ("config", "tokenizer", "quant", "kv_cache", "max_seq_len")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
-def first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def read_metadata(session: ort.InferenceSession, path) -> dict[str, str]:
-    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        meta = session.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError as e:  # a corrupt byte in a metadata string
+        raise EdgeError(f"{path} has unreadable metadata ({first_line(e)}); the file is corrupt, re-export it") from None
     missing = [k for k in REQUIRED_META if META_PREFIX + k not in meta]
     if missing:
         raise EdgeError(f"{path} lacks the metadata {META_PREFIX}{missing[0]}; it was not written by "

@@ -95,7 +95,8 @@ class Session:
         # bos is added here, not by the tokenizer: a tokenizer.json whose post-processor also adds it
         # (LiquidAI's) would otherwise give two
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.config.bos_token_id, *ids] if add_bos else ids
+        bos = self.config.bos_token_id  # None: a model without one (config.json's bos_token_id null)
+        return [bos, *ids] if add_bos and bos is not None else ids
 
     def stream_text(self, prompt: str, **generate_kwargs) -> Iterator[str]:
         """Yield printable text pieces as tokens are generated (complete UTF-8 characters only)."""

@@ -13,9 +13,9 @@ import pytest
 import runtime
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from conftest import ARTIFACT_MAX_SEQ_LEN as MAX_SEQ_LEN
 from parity import assert_parity, random_ids, reference_logits, session_logits
 
-MAX_SEQ_LEN = 96
 # engine -> (export format, artifact suffix, backend module); None: the checkpoint dir itself
 ENGINES = {
     "pytorch": None,
@@ -30,38 +30,10 @@ ENGINE_OF = {"gguf": "llamacpp", "executorch": "executorch", "onnx": "onnxruntim
 PARAMS = [pytest.param(e, marks=[pytest.mark.engine(ENGINE_OF[e])] if e in ENGINE_OF else []) for e in ENGINES]
 
 
-def _unquantized(names, *preferred):
-    return next(n for n in preferred if n in names)
-
-
-@pytest.fixture(scope="session")
-def conformance_artifacts(tmp_path_factory, tiny_dir):
-    """engine -> artifact path, each exported once per test session on first use."""
-    from export import export_model, format_module
-
-    built = {}
-
-    def get(engine):
-        if engine not in built:
-            if ENGINES[engine] is None:
-                built[engine] = tiny_dir
-            else:
-                fmt, suffix, _ = ENGINES[engine]
-                module = format_module(fmt)
-                built[engine] = export_model(
-                    fmt, tiny_dir, tmp_path_factory.mktemp(f"conformance-{fmt}") / f"tiny{suffix}",
-                    quant=_unquantized(module.QUANTS, "f32", "fp32"),
-                    kv_cache=_unquantized(module.KV_CACHES, "f32", "fp32", "f16", "fp16"),
-                    max_seq_len=MAX_SEQ_LEN)
-        return built[engine]
-
-    return get
-
-
 @pytest.fixture(scope="module", params=PARAMS)
-def session(request, conformance_artifacts):
+def session(request, tiny_dir, tiny_artifact):
     engine = request.param
-    path = conformance_artifacts(engine)
+    path = tiny_dir if ENGINES[engine] is None else tiny_artifact(ENGINES[engine][0])
     options = {"max_seq_len": MAX_SEQ_LEN} if engine == "pytorch" else {}
     s = runtime.load(path, n_threads=1, **options)
     yield s
