@@ -14,6 +14,7 @@ import runtime
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from conftest import ARTIFACT_MAX_SEQ_LEN as MAX_SEQ_LEN
+from engines import needs
 from parity import assert_parity, random_ids, reference_logits, session_logits
 
 # engine -> (export format, artifact suffix, backend module); None: the checkpoint dir itself
@@ -25,9 +26,8 @@ ENGINES = {
 }
 
 
-# the engine each format runs in (the `engine` marker skips it, with the cause, where it cannot run here)
-ENGINE_OF = {"gguf": "llamacpp", "executorch": "executorch", "onnx": "onnxruntime"}
-PARAMS = [pytest.param(e, marks=[pytest.mark.engine(ENGINE_OF[e])] if e in ENGINE_OF else []) for e in ENGINES]
+# the `engine` marker skips an engine, with the cause, where its native build cannot run here
+PARAMS = [pytest.param(e, marks=needs(e)) for e in ENGINES]
 
 
 @pytest.fixture(scope="module", params=PARAMS)

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from edge.checkpoint import WEIGHTS, check_checkpoint, expected_shapes
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from engines import needs
 from export import FORMATS, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +227,8 @@ def flipped(data: bytes, changes) -> bytes:
     return bytes(data)
 
 
-LOADERS = ("checkpoint", "gguf", "executorch", "onnx")
+LOADERS = [pytest.param(kind, marks=needs(kind)) for kind in ("checkpoint", "gguf", "executorch", "onnx")]
+FORMAT_PARAMS = [pytest.param(fmt, marks=needs(fmt)) for fmt in ("gguf", "executorch", "onnx")]
 ENGINE = {"checkpoint": "pytorch", "gguf": "llamacpp", "executorch": "executorch", "onnx": "onnxruntime"}
 
 
@@ -269,7 +271,7 @@ def test_flipped_bytes(kind, region, data, artifact, loader, tmp_path):
     load_and_run(loader, write_mutated(base, kind, flipped(raw_bytes(base), changes), tmp_path), ENGINE[kind])
 
 
-@pytest.mark.parametrize("kind", ["gguf", "executorch", "onnx"])
+@pytest.mark.parametrize("kind", FORMAT_PARAMS)
 @pytest.mark.parametrize("other", ["gguf", "executorch", "onnx"])
 def test_file_of_another_format_renamed(kind, other, artifact, loader, tmp_path):
     if kind == other:
@@ -435,7 +437,7 @@ def mismatched(tiny_dir, tmp_path_factory):
     return checkpoint_copy(tiny_dir, tmp_path_factory.mktemp("mismatched"), config=config)
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", FORMAT_PARAMS)
 def test_every_exporter_refuses_weights_that_do_not_match_the_config(fmt, mismatched, tmp_path):
     export_refused(mismatched, tmp_path, fmt, "model.embed_tokens.weight", "(1024, 128)", "(1024, 256)")
 
@@ -449,7 +451,7 @@ def test_cli_export_of_a_mismatched_checkpoint_is_one_line(mismatched, tmp_path)
     assert "model.embed_tokens.weight" in run.stderr and not out.parent.exists()
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", FORMAT_PARAMS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_every_exporter_refuses_nonfinite_weights(fmt, value, tiny_dir, tiny_state, tmp_path):
     state = dict(tiny_state)
@@ -461,7 +463,7 @@ def test_every_exporter_refuses_nonfinite_weights(fmt, value, tiny_dir, tiny_sta
     export_refused(ckpt, fresh_dir(tmp_path, "out"), fmt, "model.layers.2.self_attn.q_proj.weight", "NaN/Inf")
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", FORMAT_PARAMS)
 def test_every_exporter_refuses_a_tokenizer_larger_than_the_embedding(fmt, tokenizer, tmp_path):
     from conftest import build_checkpoint
 
@@ -501,6 +503,7 @@ def replaced(data: bytes, old: bytes, new: bytes) -> bytes:
     return data.replace(old, new, 1)
 
 
+@pytest.mark.engine("llamacpp")
 def test_gguf_with_a_corrupt_embedded_tokenizer(artifact, loader, tmp_path):
     """Found by test_flipped_bytes[gguf-metadata]: a control character in the embedded tokenizer.json made
     `tokenizers` raise a bare Exception (`error: Exception: control character ...`, not an EdgeError)."""
@@ -510,6 +513,7 @@ def test_gguf_with_a_corrupt_embedded_tokenizer(artifact, loader, tmp_path):
     assert "embedded in the artifact" in loader("info", path).err
 
 
+@pytest.mark.engine("onnxruntime")
 def test_onnx_with_undecodable_metadata(artifact, loader, tmp_path):
     """Found by test_flipped_bytes[onnx-metadata]: a metadata value that is not UTF-8 made ONNX Runtime's
     get_modelmeta() raise UnicodeDecodeError (`error: UnicodeDecodeError: ...`)."""
@@ -522,6 +526,7 @@ def test_onnx_with_undecodable_metadata(artifact, loader, tmp_path):
     assert "unreadable metadata" in loader("info", path).err
 
 
+@pytest.mark.engine("executorch")
 def test_pte_whose_delegate_data_key_is_corrupt(artifact, loader, tmp_path):
     """Found by test_flipped_bytes[executorch-metadata]: a flipped byte in the key of XNNPACK's constant data
     fails the forward method's init, and ExecuTorch printed its C++ log (XNNCompiler.cpp, method.cpp) above
@@ -535,6 +540,7 @@ def test_pte_whose_delegate_data_key_is_corrupt(artifact, loader, tmp_path):
     assert "XNNCompiler.cpp" in loader("info", path).err
 
 
+@pytest.mark.engine("llamacpp")
 def test_gguf_with_a_repeated_token(artifact, loader, tmp_path):
     """Found by the campaign (test_flipped_bytes[gguf-metadata], one bit of a token string): two equal
     tokens in tokenizer.ggml.tokens made llama.cpp abort the process (SIGABRT, `GGML_ASSERT(id_to_token.size()
@@ -554,6 +560,7 @@ def test_checkpoint_without_a_bos_token(tiny_dir, loader, tmp_path):
     assert one_line_or_ok(loader("run", ckpt, "--prompt", "hello", "-n", "2"))
 
 
+@pytest.mark.engine("llamacpp")
 def test_gguf_with_a_token_that_is_not_utf8(artifact, loader, tmp_path):
     """Found by the campaign (test_flipped_bytes[gguf-metadata], offset 2603 ^ 32): a token string that is
     not UTF-8 made gguf-py raise UnicodeDecodeError (`error: UnicodeDecodeError: ...`, not an EdgeError)."""

@@ -17,6 +17,7 @@ from edge.chat import LFM2_CHAT_TEMPLATE, Chat, read_chat_template, render
 from edge.errors import EdgeError
 from export import export_model
 from runtime import load
+from engines import needs
 
 PROMPT = "def main():\n    parser = argparse."
 N_NEW = 24
@@ -78,6 +79,7 @@ def genai_greedy(folder, ids, n=N_NEW) -> list[int]:
     return out
 
 
+@pytest.mark.engine("onnxruntime")
 @pytest.mark.parametrize("quant,kv_cache", ONNX_CASES)
 def test_genai_generator_matches_runtime(onnx_folder, quant, kv_cache):
     folder = onnx_folder(quant, kv_cache)
@@ -91,6 +93,7 @@ def test_genai_generator_matches_runtime(onnx_folder, quant, kv_cache):
     assert genai_greedy(folder, ids) == ours
 
 
+@pytest.mark.engine("onnxruntime")
 def test_genai_folder_config_and_tokenizer(onnx_folder, trained):
     import onnxruntime_genai as og
 
@@ -114,6 +117,7 @@ def test_genai_folder_config_and_tokenizer(onnx_folder, trained):
     assert tokenizer.decode(chat.session.encode(PROMPT)[1:]) == PROMPT
 
 
+@pytest.mark.engine("onnxruntime")
 def test_genai_folder_with_external_data(trained, tmp_path, monkeypatch):
     """Past protobuf's 2 GiB the folder keeps the weights in model.onnx.data (the limit lowered here)."""
     import export.genai
@@ -151,6 +155,7 @@ def llama(path, **kw):
                  type_v=GGML_TYPE_Q8_0, flash_attn=True, verbose=False, **kw)
 
 
+@pytest.mark.engine("llamacpp")
 def test_llamacpp_generate_matches_runtime(default_gguf):
     llm = llama(default_gguf)
     session = load(default_gguf, kv_cache="q8_0")
@@ -167,6 +172,7 @@ def test_llamacpp_generate_matches_runtime(default_gguf):
     assert llm.detokenize(theirs).decode() == session.tokenizer.decode(ours, skip_special_tokens=True)
 
 
+@pytest.mark.engine("llamacpp")
 def test_llamacpp_chat_uses_the_gguf_template(default_gguf):
     """llama-cpp-python's chat completion (its Jinja2ChatFormatter over the GGUF's tokenizer.chat_template)
     answers the first turn with what our Chat answers."""
@@ -183,7 +189,7 @@ def test_llamacpp_chat_uses_the_gguf_template(default_gguf):
 TURNS = ["What does argparse do?", "And json?", "Thanks. One more: pathlib?"]
 
 
-@pytest.mark.parametrize("engine", ["pytorch", "gguf", "onnx"])
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ("pytorch", "gguf", "onnx")])
 def test_chat_keeps_the_cache_between_turns(engine, trained, default_gguf, onnx_folder):
     path, options = {"pytorch": (trained, {}), "gguf": (default_gguf, {"kv_cache": "q8_0"}),
                      "onnx": (onnx_folder("int4", "int8"), {})}[engine]
@@ -308,7 +314,7 @@ def lfm2_layout(tmp_path_factory):
     return write_lfm2_layout(tmp_path_factory.mktemp("LFM2-tiny"), default_corpus())
 
 
-@pytest.mark.parametrize("fmt,out", [("gguf", "m.gguf"), ("onnx", "m"), ("executorch", "m.pte")])
+@pytest.mark.parametrize("fmt,out", [pytest.param(f, o, marks=needs(f)) for f, o in (("gguf", "m.gguf"), ("onnx", "m"), ("executorch", "m.pte"))])
 def test_lfm2_layout_exports(fmt, out, lfm2_layout, tmp_path):
     from transformers import AutoTokenizer
 
