@@ -1,4 +1,4 @@
-"""The `edge` command: init, info, export, run, bench, search, device serve (DESIGN.md §4).
+"""The `edge` command: init, info, export, run, bench, search, device serve (docs/design.md §4).
 
 Every failure on bad input is one line on stderr and exit status 1; `--debug` shows the traceback.
 Heavy imports (torch, engines) happen inside the commands so `edge --help` is instant.

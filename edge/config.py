@@ -209,7 +209,7 @@ def check_types(config: HybridConfig) -> None:
                               f"got {value!r:.60}")
 
 
-# The shapes of the real family (DESIGN.md §2) plus a tiny one for tests and demos.
+# The shapes of the real family (docs/design.md §2) plus a tiny one for tests and demos.
 _LFM2_ATTN = [2, 5, 8, 10, 12, 14]
 
 

@@ -15,7 +15,7 @@ onnxruntime-genai's LFM2 builder and transformers.js use, so their loops can dri
 
 `i` is the real layer index. K/V are grouped (n_kv_heads, never expanded) and stored in the artifact's
 KV format: float32, float16, or int8. int8 is ONNX Runtime's native GroupQueryAttention int8 cache
-(DESIGN §3's "native format, documented"): symmetric, value = int8 * scale with one float32 scale per
+(docs/design.md §3's "native format, documented"): symmetric, value = int8 * scale with one float32 scale per
 (kv head, channel) per layer, calibrated at export on a short text (`calibrate_kv_scales`) and stored as
 constants in the graph, so the state I/O is the same K/V tensors as fp32, in int8; K is cached after
 RoPE, as in fp32. Measured against per-(position, kv head) scales applied with plain ops, it is as
@@ -26,7 +26,7 @@ the builder's do, not from the past's shape, so a runtime may also bind past and
 of max length that GQA appends to in place (ORT's past_present_share_buffer: no cache copy per step;
 runtime/onnxruntime.py does). The fp16 graph (MultiHeadAttention over concatenated K/V) has no mask
 input: its positions come from the past length.
-The conv state keeps the newest conv_L_cache-1 columns of B*x (DESIGN.md §3), as the onnxruntime-genai
+The conv state keeps the newest conv_L_cache-1 columns of B*x (docs/design.md §3), as the onnxruntime-genai
 builder's `past.{i}.conv` does. Everything `runtime.load` needs (config, tokenizer,
 quant, KV format, max_seq_len, chat template) is in the model's metadata_props under the `edge.` keys.
 An output path without the .onnx suffix gets an onnxruntime-genai model folder around the same graph

@@ -1,4 +1,4 @@
-"""llama-bench-style CPU benchmark over any Session (DESIGN.md §6); `edge bench` is `main` below.
+"""llama-bench-style CPU benchmark over any Session (docs/design.md §6); `edge bench` is `main` below.
 
 Method (as llama-bench's `llama-bench.cpp`): one warm-up run, then `repetitions` runs of
   pp: `n_prompt` random ids in ONE prefill, after `depth` tokens already in the cache, and

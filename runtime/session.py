@@ -1,4 +1,4 @@
-"""The Session API every engine implements (DESIGN.md §4).
+"""The Session API every engine implements (docs/design.md §4).
 
 A backend subclasses `Session` and implements `_forward(ids) -> last logits`, `_reset()` and
 `kv_cache_bytes()`. Input checks, position bookkeeping, sampling and text streaming live here once,

@@ -10,9 +10,9 @@ from edge.tokenizer import default_corpus, save_tokenizer, train_tokenizer
 from parity import random_ids, reference_logits
 
 TINY = preset("tiny")
-PARITY_IDS = random_ids(TINY.vocab_size)  # the DESIGN §5 sequence every exporter's parity test uses
+PARITY_IDS = random_ids(TINY.vocab_size)  # the docs/design.md §5 sequence every exporter's parity test uses
 
-# Small configs that cover the architecture's corners (DESIGN.md §2). head_dim 32 everywhere so
+# Small configs that cover the architecture's corners (docs/design.md §2). head_dim 32 everywhere so
 # 4-bit KV blocks of 32 fit; widths are multiples of 32 for 4-bit weight groups.
 VARIANTS = {
     "tiny": {},
@@ -32,7 +32,7 @@ def tokenizer():
 # Steps of language-model training for the "trained:<variant>" checkpoints. Random weights make a
 # chaotic network whose logits carry no signal, so 4-bit rounding noise compounds through it (q4_0
 # gives mean cos ~0.975 on random tiny models, and llama.cpp's own quantizer gives the same); the
-# DESIGN §5 bounds describe real, trained models, which a few dozen steps on text already resemble.
+# docs/design.md §5 bounds describe real, trained models, which a few dozen steps on text already resemble.
 TRAIN_STEPS = 30
 
 

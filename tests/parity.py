@@ -1,4 +1,4 @@
-"""The parity protocol of DESIGN.md §5, shared by every exporter's tests.
+"""The parity protocol of docs/design.md §5, shared by every exporter's tests.
 
 A random 64-token sequence: the first half as one prefill, the rest decoded one token at a time.
 rel = max|Δlogit| / (max-min of the reference logits); cos = cosine similarity per position.

@@ -1,4 +1,4 @@
-"""One Session conformance suite, the same tests over every engine (DESIGN.md §4, issue 6).
+"""One Session conformance suite, the same tests over every engine (docs/design.md §4, issue 6).
 
 Each engine's artifact is exported once per test session from the tiny checkpoint with unquantized
 weights and cache (fp16 KV where the engine has no fp32 cache), so every engine must match the PyTorch

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.engine("executorch")
 
 MAX_SEQ_LEN = 128
 CHUNK = 16
-# name -> (checkpoint variant, quant, kv cache, embedding quant, DESIGN §5 bound)
+# name -> (checkpoint variant, quant, kv cache, embedding quant, docs/design.md §5 bound)
 VARIANTS = {
     "fp32": ("tiny", "fp32", "fp32", "none", "exact"),
     # trained too: the stock runner's Python callback needs whole UTF-8 characters, which a random model's

@@ -1,4 +1,4 @@
-"""GGUF export + llama.cpp backend: parity with the PyTorch reference (DESIGN.md §5), stock-llama.cpp
+"""GGUF export + llama.cpp backend: parity with the PyTorch reference (docs/design.md §5), stock-llama.cpp
 conventions, bad input.
 
 Every artifact is exported once per session (`gguf_file`) and every reference computed once (`reference`).
@@ -65,7 +65,7 @@ def gguf_file(model_dir, tmp_path_factory):
     return get
 
 
-# ---- parity (DESIGN.md §5): prefill half, decode the rest token by token ---------------------------------
+# ---- parity (docs/design.md §5): prefill half, decode the rest token by token ---------------------------------
 PARITY = [  # variant, weights, KV cache type chosen at export (the artifact's default), bound
     ("tiny", "f32", "f16", "exact"),
     ("tiny", "f16", "f16", "exact"),

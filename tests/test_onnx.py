@@ -1,4 +1,4 @@
-"""ONNX export + ONNX Runtime backend: parity (DESIGN.md §5), the documented I/O, bad input.
+"""ONNX export + ONNX Runtime backend: parity (docs/design.md §5), the documented I/O, bad input.
 
 Each artifact is exported once per session (`artifact` fixture) and shared by the tests.
 """
