@@ -19,16 +19,8 @@ import tempfile
 # engine -> (export format, weights, KV cache) of the probe
 ENGINES = {"llamacpp": ("gguf", "q4_0", "q8_0"), "executorch": ("executorch", "8da4w", "int8"),
            "onnxruntime": ("onnx", "int4", "int8")}
-# export format -> the engine that runs it (the `engine` marker's names)
-ENGINE_OF_FORMAT = {"gguf": "llamacpp", "executorch": "executorch", "onnx": "onnxruntime"}
+ENGINE_OF_FORMAT = {fmt: engine for engine, (fmt, _, _) in ENGINES.items()}  # the `engine` marker's names
 PROBE_TIMEOUT_S = 600
-
-
-def needs(fmt: str) -> list:
-    """pytest marks for a parameter that runs format `fmt` (none for the PyTorch reference)."""
-    import pytest
-
-    return [pytest.mark.engine(ENGINE_OF_FORMAT[fmt])] if fmt in ENGINE_OF_FORMAT else []
 _children: dict[str, subprocess.Popen] = {}
 PROBED: dict[str, str | None] = {}  # engine -> cause of failure (None: runs), for this test session
 
@@ -39,6 +31,13 @@ def start_probes(*engines: str) -> None:
         if engine not in _children:
             _children[engine] = subprocess.Popen([sys.executable, __file__, engine], stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.PIPE, text=True)
+
+
+def needs(fmt: str) -> list:
+    """pytest marks for a parameter that runs format `fmt` (none for the PyTorch reference)."""
+    import pytest
+
+    return [pytest.mark.engine(ENGINE_OF_FORMAT[fmt])] if fmt in ENGINE_OF_FORMAT else []
 
 
 def engine_failure(engine: str) -> str | None:
