@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from edge.checkpoint import WEIGHTS, check_checkpoint, expected_shapes
 from edge.config import HybridConfig
 from edge.errors import EdgeError
-from engines import needs
+from engines import ENGINE_OF_FORMAT, needs
 from export import FORMATS, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def flipped(data: bytes, changes) -> bytes:
 
 LOADERS = [pytest.param(kind, marks=needs(kind)) for kind in ("checkpoint", "gguf", "executorch", "onnx")]
 FORMAT_PARAMS = [pytest.param(fmt, marks=needs(fmt)) for fmt in ("gguf", "executorch", "onnx")]
-ENGINE = {"checkpoint": "pytorch", "gguf": "llamacpp", "executorch": "executorch", "onnx": "onnxruntime"}
+ENGINE = {"checkpoint": "pytorch", **ENGINE_OF_FORMAT}  # loader kind -> the engine name it reports
 
 
 @pytest.fixture(scope="session")
