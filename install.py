@@ -100,7 +100,7 @@ def llama_wheel(build: dict, pip: list[str], rebuild: bool) -> Path:
         print(f"llama.cpp: reusing the wheel built for this CPU and these flags ({wheels[0]})", flush=True)
         return wheels[0]
     print(f"llama.cpp: compiling llama-cpp-python {build['version']} for this CPU with "
-          f"{' '.join(build['cmake_args'])} (10-20 minutes on 2 cores)", flush=True)
+          f"{' '.join(build['cmake_args'])} (12-21 minutes on 2 cores)", flush=True)
     env = dict(os.environ, CMAKE_ARGS=shlex.join(build["cmake_args"]),  # scikit-build-core shlex-splits it
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     with tempfile.TemporaryDirectory() as tmp:
