@@ -221,8 +221,8 @@ def recover_interrupted(study) -> None:
         worker = t.user_attrs.get("worker", "")
         w_host, _, pid = worker.rpartition(":")
         if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            try:  # skip_if_finished: its worker may have finished it after all; the except: just now
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
     optuna.storages.fail_stale_trials(study)
