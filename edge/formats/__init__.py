@@ -32,6 +32,7 @@ class Format:
     name: str                         # `edge export NAME`, `edge search --target NAME`
     suffix: str                       # the artifact's file suffix
     engine: str                       # the engine its backend reports as Session.engine
+    engine_package: tuple[str, str]   # the engine's Python package: (import name, distribution)
     exporter_ref: str                 # "module:function" writing the artifact
     backend_ref: str                  # "module:Session subclass" running it
     quants: tuple[str, ...]           # weight formats `--quant` takes
@@ -66,18 +67,21 @@ def _resolve(ref: str):
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("gguf", ".gguf", "llamacpp", "export.gguf:export", "runtime.llamacpp:LlamaCppSession",
+    Format("gguf", ".gguf", engine="llamacpp", engine_package=("llama_cpp", "llama-cpp-python"),
+           exporter_ref="export.gguf:export", backend_ref="runtime.llamacpp:LlamaCppSession",
            quants=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"),
            kv_caches=("f16", "q8_0", "q4_0"), default_quant="q8_0", default_kv_cache="f16",
            exact_quant="f32", exact_kv_cache="f16", kv_cache_at_load=True),
-    Format("executorch", ".pte", "executorch", "export.executorch:export", "runtime.executorch:ExecuTorchSession",
+    Format("executorch", ".pte", engine="executorch", engine_package=("executorch", "executorch"),
+           exporter_ref="export.executorch:export", backend_ref="runtime.executorch:ExecuTorchSession",
            quants=("fp32", "8da8w", "8da4w"),
            # int8: our edge:: kernels (edge/formats/executorch.py); int8-stock: ExecuTorch's own llama:: ops,
            # for runners without our op library
            kv_caches=("fp32", "int8", "int8-stock"), default_quant="8da8w",
            # fp32: the fastest (custom_sdpa); int8 saves ~3.7x cache memory at mean cos ~0.9999, slower
            default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False),
-    Format("onnx", ".onnx", "onnxruntime", "export.onnx:export", "runtime.onnxruntime:OnnxSession",
+    Format("onnx", ".onnx", engine="onnxruntime", engine_package=("onnxruntime", "onnxruntime"),
+           exporter_ref="export.onnx:export", backend_ref="runtime.onnxruntime:OnnxSession",
            quants=("fp32", "int8", "int4"), kv_caches=("fp32", "fp16", "int8"), default_quant="int8",
            default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False,
            folder=True),
