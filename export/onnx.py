@@ -267,6 +267,8 @@ def fuse_for_ort(graph):
     fused kernels per step (see README). Its MatMul+Transpose -> FusedMatMul rules are left out on
     purpose: they would hide weights from the quantizers (ORT applies them itself at load time)."""
     import onnx_ir as ir
+    # private module on purpose: onnxscript 0.7.2's public ort_fusions has only optimize_for_ort, which adds
+    # those FusedMatMul rules (tiny fp32 graph: 4 MatMul+Transpose -> com.microsoft:FusedMatMul)
     from onnxscript.rewriter.ort_fusions._core import fuse_xformers
 
     model, _ = fuse_xformers(ir.serde.deserialize_model(graph))
