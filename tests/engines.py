@@ -18,9 +18,11 @@ import tempfile
 
 from edge.formats import FORMATS
 
-# engine -> (export format, weights, KV cache) of the probe: each format's 4-bit weights and 8-bit KV
+# engine -> (export format, weights, KV cache) of the probe: the 4-bit weights and 8-bit KV whose native
+# kernels are likeliest to crash on a CPU (the demo's); a format not listed here, its defaults
 PROBE_QUANTS = {"gguf": ("q4_0", "q8_0"), "executorch": ("8da4w", "int8"), "onnx": ("int4", "int8")}
-ENGINES = {f.engine: (f.name, *PROBE_QUANTS[f.name]) for f in FORMATS.values()}
+ENGINES = {f.engine: (f.name, *PROBE_QUANTS.get(f.name, (f.default_quant, f.default_kv_cache)))
+           for f in FORMATS.values()}
 ENGINE_OF_FORMAT = {f.name: f.engine for f in FORMATS.values()}  # the `engine` marker's names
 PROBE_TIMEOUT_S = 600
 _children: dict[str, subprocess.Popen] = {}
