@@ -37,14 +37,9 @@ def search_tokenizer(args, out: Path) -> tuple[Path, int]:
 
 
 def check_target(target: str, quant: str | None, kv_cache: str | None) -> None:
-    from export import format_module
+    from edge import formats
 
-    module = format_module(target)
-    if quant and quant not in module.QUANTS:
-        raise EdgeError(f"unsupported --quant {quant!r} for {target}; choose one of {', '.join(module.QUANTS)}")
-    if kv_cache and kv_cache not in module.KV_CACHES:
-        raise EdgeError(f"unsupported --kv-cache {kv_cache!r} for {target}; "
-                        f"choose one of {', '.join(module.KV_CACHES)}")
+    formats.get(target).check(quant or None, kv_cache or None, flags=True)
 
 
 def settings_from_args(args) -> SearchSettings:

@@ -34,7 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SUFFIX = {"gguf": ".gguf", "executorch": ".pte", "onnx": ".onnx"}
+from edge.formats import FORMATS
+
 PARENT_ENV = "EDGE_SEARCH_PARENT_PID"
 CONTEXT_ROUND = 256  # artifacts are exported for the context the measurements need, rounded up to this
 
@@ -94,7 +95,7 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     try:
         _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
         export_s = time.perf_counter() - started
-        result = transport.measure_candidate(workdir / f"model{SUFFIX[settings.target]}", settings)
+        result = transport.measure_candidate(workdir / f"model{FORMATS[settings.target].suffix}", settings)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -162,7 +163,7 @@ def child_export(workdir: Path, tokenizer_path: Path) -> None:
     checkpoint = workdir / "checkpoint"
     save_model(HybridLM(config).init_weights(settings.seed), checkpoint)
     shutil.copyfile(tokenizer_path, checkpoint / "tokenizer.json")
-    export_model(settings.target, checkpoint, workdir / f"model{SUFFIX[settings.target]}",
+    export_model(settings.target, checkpoint, workdir / f"model{FORMATS[settings.target].suffix}",
                  quant=settings.quant, kv_cache=settings.kv_cache, max_seq_len=settings.max_seq_len)
     shutil.rmtree(checkpoint)  # the artifact is self-sufficient; the checkpoint is rebuilt for --export-best
 
@@ -174,7 +175,7 @@ def child_bench(workdir: Path) -> None:
     from runtime.bench import artifact_bytes, bench_session, peak_rss_mb
 
     settings = MeasureSettings.from_dict(json.loads((workdir / "settings.json").read_text()))
-    artifact = workdir / f"model{SUFFIX[settings.target]}"
+    artifact = workdir / f"model{FORMATS[settings.target].suffix}"
     started = time.perf_counter()
     session = runtime.load(artifact, n_threads=settings.threads)
     load_ms = (time.perf_counter() - started) * 1e3

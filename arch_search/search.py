@@ -36,9 +36,10 @@ from pathlib import Path
 
 from device.client import DeviceUnavailable
 from edge.errors import EdgeError
+from edge.formats import FORMATS
 
 from . import space as space_mod
-from .measure import SUFFIX, MeasureFailed, MeasureSettings, _run_child, measure, summary
+from .measure import MeasureFailed, MeasureSettings, _run_child, measure, summary
 from .quality import Proxy, evaluate
 
 HEARTBEAT_S = 10
@@ -220,8 +221,8 @@ def recover_interrupted(study) -> None:
         worker = t.user_attrs.get("worker", "")
         w_host, _, pid = worker.rpartition(":")
         if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            try:  # skip_if_finished: its worker may have finished it after all; the except: just now
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
     optuna.storages.fail_stale_trials(study)
@@ -406,7 +407,7 @@ def run_search(settings: SearchSettings, log=print):
     # a busy device (another host's search) is waited for, up to one measurement's time limit
     devices = transports(settings.devices, settings.device_token_file, busy_wait_s=settings.measure.timeout_s)
     for t in devices:  # an unreachable device, a wrong token or a missing engine: one line now, not later
-        t.check(SUFFIX[settings.measure.target])
+        t.check(FORMATS[settings.measure.target].suffix)
     reference = reference_artifact(settings) if settings.drift_every else None
     searches = [_Search(settings, log, t, reference) for t in devices]
     if len(searches) == 1:
@@ -451,7 +452,7 @@ def run_search(settings: SearchSettings, log=print):
 def reference_artifact(settings: SearchSettings) -> Path:
     """The drift reference: the space's first LFM2 layout, exported once into OUT/reference."""
     workdir = settings.out / "reference"
-    artifact = workdir / f"model{SUFFIX[settings.measure.target]}"
+    artifact = workdir / f"model{FORMATS[settings.measure.target].suffix}"
     if not artifact.exists():
         workdir.mkdir(parents=True, exist_ok=True)
         params = space_mod.seed_params(settings.space)[0]
@@ -639,7 +640,6 @@ def export_best(row: dict, settings: SearchSettings, out_dir: Path) -> Path:
     from edge.model import HybridLM
     from export import export_model
 
-    from .measure import SUFFIX
 
     cand = space_mod.Candidate.from_dict(row["candidate"], settings.space)
     if cand.hash != row["hash"]:
@@ -649,5 +649,5 @@ def export_best(row: dict, settings: SearchSettings, out_dir: Path) -> Path:
     save_model(HybridLM(cand.to_config()).init_weights(settings.measure.seed), checkpoint)
     shutil.copyfile(settings.tokenizer_path, checkpoint / "tokenizer.json")
     m = settings.measure
-    return export_model(m.target, checkpoint, out_dir / f"model{SUFFIX[m.target]}", quant=m.quant,
+    return export_model(m.target, checkpoint, out_dir / f"model{FORMATS[m.target].suffix}", quant=m.quant,
                         kv_cache=m.kv_cache, max_seq_len=m.max_seq_len)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.formats import FORMATS
 
 from .artifacts import SHA256, SUFFIXES, ArtifactStore, sniff_file
 
@@ -50,8 +51,9 @@ def checked_bench_options(o: dict) -> dict:
     if unknown:
         raise EdgeError(f"unknown bench options {sorted(unknown)}")
     kv = o.get("kv_cache")
-    if kv is not None and (not isinstance(kv, str) or kv not in ("f32", "f16", "q8_0", "q4_0")):
-        raise EdgeError(f"kv_cache must be f32, f16, q8_0 or q4_0, got {kv!r}")
+    known = sorted({k for f in FORMATS.values() for k in f.kv_caches})  # the engine refuses a wrong one
+    if kv is not None and (not isinstance(kv, str) or kv not in known):
+        raise EdgeError(f"kv_cache must be one of {', '.join(known)}, got {kv!r}")
     return {"n_prompt": _int(o, "n_prompt", 0, 1 << 17, 512), "n_gen": _int(o, "n_gen", 0, 1 << 17, 128),
             "depth": _int(o, "depth", 0, 1 << 20, 0), "repetitions": _int(o, "repetitions", 1, 1000, 5),
             "n_threads": _int(o, "n_threads", 1, 1024, 1), "kv_cache": kv, "seed": _int(o, "seed", 0, 2**32, 0)}
@@ -234,9 +236,9 @@ class Agent:
             files.append((path, suffix))
         if kind == "candidate":
             settings = checked_settings(req.get("settings", {}))
-            from arch_search.measure import SUFFIX
-            if SUFFIX[settings.target] != files[0][1]:
-                raise EdgeError(f"target {settings.target} measures {SUFFIX[settings.target]} files, not {files[0][1]}")
+            if FORMATS[settings.target].suffix != files[0][1]:
+                raise EdgeError(f"target {settings.target} measures {FORMATS[settings.target].suffix} files, "
+                                f"not {files[0][1]}")
             return {"kind": kind, "files": files, "settings": settings}
         return {"kind": kind, "files": files, "options": checked_bench_options(req.get("options", {}))}
 
@@ -261,7 +263,7 @@ class Agent:
 
     def run(self, job: dict, deadline: float) -> dict:
         """One measurement, in a child process (runtime.bench's timer, arch_search.measure's isolation)."""
-        from arch_search.measure import SUFFIX, MeasureFailed
+        from arch_search.measure import MeasureFailed
 
         from .probe import conditions
         from .transport import LocalTransport
@@ -276,7 +278,7 @@ class Agent:
             if job["kind"] == "candidate":
                 settings = job["settings"]
                 settings.timeout_s = remaining
-                artifact = workdir / f"model{SUFFIX[settings.target]}"
+                artifact = workdir / f"model{FORMATS[settings.target].suffix}"
                 self.store.link(job["files"][0][0], artifact)
                 out = {"result": LocalTransport().measure_candidate(artifact, settings)}
             else:

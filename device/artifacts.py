@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.formats import SUFFIXES
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-SUFFIXES = (".gguf", ".pte", ".onnx")
 VALIDATE_TIMEOUT_S = 120
 
 

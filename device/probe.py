@@ -9,9 +9,7 @@ import platform
 import socket
 from pathlib import Path
 
-# suffix -> (Python module that runs it, distribution whose version is recorded)
-ENGINES = {".gguf": ("llama_cpp", "llama-cpp-python"), ".pte": ("executorch", "executorch"),
-           ".onnx": ("onnxruntime", "onnxruntime")}
+from edge.formats import FORMATS
 
 
 def _read(path: Path) -> str | None:
@@ -24,7 +22,7 @@ def _read(path: Path) -> str | None:
 def engines() -> dict:
     """suffix -> version of each engine installed here (found without importing it)."""
     out = {}
-    for suffix, (module, dist) in ENGINES.items():
+    for suffix, (module, dist) in ((f.suffix, f.engine_package) for f in FORMATS.values()):
         if importlib.util.find_spec(module) is not None:
             try:
                 out[suffix] = f"{dist} {importlib.metadata.version(dist)}"

@@ -9,7 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-EXPORT_FORMATS = ("gguf", "executorch", "onnx")
+from edge.formats import FORMATS  # the registry: light, no engine imported
+
+
+def _vocab(kind: str, where=lambda f: True) -> str:
+    """"gguf f16|q8_0; executorch ..." from the registry, for the help of --quant/--kv-cache."""
+    return "; ".join(f"{f.name} {'|'.join(getattr(f, kind))}" for f in FORMATS.values() if where(f))
 
 
 def cmd_init(args):
@@ -56,7 +61,7 @@ def cmd_info(args):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    if getattr(session, "op_library", None):  # a fixed "op library: PATH" line, for scripts to find it
+    if session.op_library:  # a fixed "op library: PATH" line, for scripts to find it
         print(f"op library: {session.op_library}")
 
 
@@ -94,7 +99,13 @@ def cmd_run(args):
 def cmd_bench(args):
     from runtime.bench import main as bench_main
 
-    bench_main(args)
+    runner = None
+    if args.device:  # the device agent's transport (docs/design.md §4); else this process
+        from functools import partial
+
+        from device.client import bench_on_device
+        runner = partial(bench_on_device, args.device, args.device_token_file)
+    bench_main(args, runner)
 
 
 def cmd_search(args):
@@ -124,15 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("export", help="export a checkpoint to GGUF, ExecuTorch or ONNX")
-    s.add_argument("format", choices=EXPORT_FORMATS, help="target format")
+    s.add_argument("format", choices=FORMATS, help="target format")
     s.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face LFM2 checkpoint directory")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact path to write; onnx: a path "
                    "without .onnx writes an onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer)")
-    s.add_argument("--quant", help="weight format: gguf f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k; "
-                   "executorch fp32|8da8w|8da4w; onnx fp32|int8|int4 (default: each format's 8-bit)")
-    s.add_argument("--kv-cache", help="KV-cache precision stored with the artifact: gguf f16|q8_0|q4_0; "
-                   "executorch fp32|int8|int8-stock (int8 with ExecuTorch's stock ops only, for runners without "
-                   "our op library); onnx fp32|fp16|int8")
+    s.add_argument("--quant", help=f"weight format: {_vocab('quants')} (default: each format's 8-bit)")
+    s.add_argument("--kv-cache", help=f"KV-cache precision stored with the artifact: {_vocab('kv_caches')} "
+                   "(executorch int8-stock: int8 with ExecuTorch's stock ops only, for runners without our op "
+                   "library)")
     s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
     s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w: "
                    "default 32; onnx int4: default 128, or 64/32 where 128 does not divide the hidden size)")
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--kv-cache", help="override the KV-cache type where the engine picks it at load "
-                   "(gguf: f16|q8_0|q4_0)")
+                   f"({_vocab('kv_caches', lambda f: f.kv_cache_at_load)}); other engines fix it at export")
     s.add_argument("-t", "--threads", type=int, help="CPU threads (default: the engine's)")
     s.set_defaults(func=cmd_run)
 
@@ -168,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions per test (default 5)")
     s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads (default 1, the stable "
                    "setting on a 2-core machine)")
-    s.add_argument("--kv-cache", help="KV-cache type for engines that pick it at load (gguf: f16|q8_0|q4_0)")
+    s.add_argument("--kv-cache", help="KV-cache type for engines that pick it at load "
+                   f"({_vocab('kv_caches', lambda f: f.kv_cache_at_load)})")
     s.add_argument("--json", metavar="FILE", help="write every record, with every sample, to FILE")
     s.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default 0)")
     s.add_argument("--device", metavar="URL", help="measure on the device agent at URL (`edge device serve`) "
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("search", help="hardware-in-the-loop architecture search under measured budgets")
-    s.add_argument("--target", required=True, choices=EXPORT_FORMATS, help="format candidates are measured in")
+    s.add_argument("--target", required=True, choices=FORMATS, help="format candidates are measured in")
     s.add_argument("--quant", help="weight quantization of the measured artifacts (format's names)")
     s.add_argument("--kv-cache", help="KV-cache precision of the measured artifacts")
     s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",

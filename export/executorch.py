@@ -38,29 +38,15 @@ from edge.model import RMSNorm, causal_mask, grouped_attention
 from edge.files import atomic_path
 from edge.chat import read_chat_template
 from edge.tokenizer import tokenizer_json
-from runtime.et_kernels import define_ops, quantize_symmetric
+from edge.formats.executorch import (EMBEDDING_QUANTS, METADATA_VERSION, OP_LIBRARY, load_custom_ops,
+                                     quantize_symmetric)
 
-QUANTS = ("fp32", "8da8w", "8da4w")
-# int8: our kernels (runtime/et_kernels.py), which need our op library in the runner; int8-stock: the same
-# int8 cache written with llama::update_cache and read by llama::custom_quantized_sdpa, ExecuTorch's stock
-# ops, for runners that cannot link our library (prebuilt ExecuTorch packages), slower on x86 (README)
-KV_CACHES = ("fp32", "int8", "int8-stock")
-DEFAULT_QUANT = "8da8w"     # the CLI's rule: each format's 8-bit weights by default
-DEFAULT_KV_CACHE = "fp32"   # fastest (custom_sdpa); int8 saves ~3.7x cache memory at mean cos ~0.9999, slower
-OP_LIBRARY = "libedge_ops"  # what a .pte with kv_cache int8 records in edge_metadata.op_library
-EMBEDDING_QUANTS = ("none", "int8", "int4")
+# KV caches (edge/formats/__init__.py): int8 is our kernels (edge/formats/executorch.py), which need our op
+# library in the runner; int8-stock is the same int8 cache written with llama::update_cache and read by
+# llama::custom_quantized_sdpa, ExecuTorch's stock ops, for runners that cannot link our library (prebuilt
+# ExecuTorch packages), slower on x86 (README)
 DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
 DEFAULT_PREFILL_CHUNK = 128
-METADATA_VERSION = 1
-
-
-def load_custom_ops() -> None:
-    """Register the llama:: and quantized_decomposed:: ops (export-time kernels and runtime kernels)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-    from executorch.kernels import quantized  # noqa: F401
-    from torch.ao.quantization.fx import _decomposed  # noqa: F401  quantized_decomposed:: ops of the linears
-
-    define_ops()
 
 
 # ---- the cache: mutable buffers -------------------------------------------------------------------

@@ -23,27 +23,10 @@ from pathlib import Path
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_dir
+from edge.formats.onnx import GENAI_CONFIG, MODEL_FILE, is_model_folder
 
-GENAI_CONFIG = "genai_config.json"
-MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 SINGLE_FILE_LIMIT = 2**31  # protobuf's limit on one serialized ModelProto
-
-
-def is_model_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / GENAI_CONFIG).is_file()
-
-
-def model_file(folder: str | Path) -> Path:
-    """The .onnx graph a model folder's genai_config.json names."""
-    folder = Path(folder)
-    try:
-        name = json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EdgeError(f"{folder / GENAI_CONFIG} is unreadable ({type(e).__name__}: {e}); re-export the folder "
-                        "with `edge export onnx MODEL_DIR -o DIR`") from None
-    return folder / name
 
 
 def generation_defaults(model_dir: Path) -> dict:

@@ -28,37 +28,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TokenType
+from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_TENSOR, TokenType
 
 from edge.chat import read_chat_template
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
+from edge.formats.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, check_llamacpp_can_run, llama_log
 from edge.tokenizer import tokenizer_json
-
-ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LFM2]
-
-# quant name -> (ggml type of the 2-D weights, general.file_type); written by gguf-py
-DIRECT_QUANTS = {
-    "f32": (QType.F32, LlamaFileType.ALL_F32),
-    "f16": (QType.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (QType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-}
-# quant name -> llama.cpp file type; quantized by llama.cpp itself
-K_QUANTS = {
-    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-    "q6_k": LlamaFileType.MOSTLY_Q6_K,
-}
-QUANTS = (*DIRECT_QUANTS, *K_QUANTS)
-DEFAULT_QUANT = "q8_0"
-
-# KV-cache types llama.cpp takes at context creation; the artifact stores its default under KV_CACHE_KEY
-KV_CACHES = ("f16", "q8_0", "q4_0")
-DEFAULT_KV_CACHE = "f16"
-KV_CACHE_KEY = "hybrid_edge.kv_cache"  # custom key: llama.cpp ignores it, runtime.load honours it
 
 # tensors llama.cpp's converter keeps in f32 whatever the file type (besides every 1-D tensor)
 F32_TENSORS = (MODEL_TENSOR.SHORTCONV_CONV,)
@@ -85,16 +62,6 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         else:
             write_gguf(model_dir, config, tokenizer, tmp, quant, kv_cache, max_seq_len)
     return out
-
-
-def check_llamacpp_can_run(config: HybridConfig, where) -> None:
-    """llama.cpp's lfm2 (llama-cpp-python 0.3.36) keeps a KV cache for the attention layers and recurrent
-    cells for the conv layers, and aborts the whole process (GGML_ASSERT(buffer)) when either is empty."""
-    for kind, layers in (("attention", config.attention_layers), ("conv", config.conv_layers)):
-        if not layers:
-            raise EdgeError(f"{where} has no {kind} layer, which llama.cpp's lfm2 cannot run (it aborts on an "
-                            f"empty {'KV cache' if kind == 'attention' else 'recurrent state'}); keep at least one "
-                            f"{'full_attention' if kind == 'attention' else 'conv'} layer or use executorch/onnx")
 
 
 # ---- metadata ------------------------------------------------------------------------------------
@@ -258,8 +225,6 @@ def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: str, path: Path
 # ---- K-quants through llama.cpp ------------------------------------------------------------------
 def quantize_with_llamacpp(src: Path, dst: Path, file_type: LlamaFileType) -> None:
     import llama_cpp
-
-    from runtime.llamacpp import llama_log
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)

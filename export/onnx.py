@@ -52,29 +52,14 @@ from edge.files import atomic_path
 from edge.model import causal_mask, grouped_attention, rope_cos_sin
 from edge.tokenizer import tokenizer_json
 from export.genai import SINGLE_FILE_LIMIT, write_model_folder
-from runtime.onnxruntime import ATTENTION_MASK, META_PREFIX, present_name
+from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, present_name, state_names
 
-QUANTS = ("fp32", "int8", "int4")
-KV_CACHES = ("fp32", "fp16", "int8")
-DEFAULT_QUANT = "int8"
-DEFAULT_KV_CACHE = "fp32"
 # int4 block sizes by preference: 128 is ORT's quantizer default and has MLAS's fastest int8 kernel on x86
 # (lfm2-350m: prefill and decode 1.4x block 32's; README); a smaller one where 128 does not divide the
 # hidden size, so the embedding can still read the lm_head's blocks (share_quantized_embedding)
 GROUP_SIZES = (128, 64, 32)
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
-
-
-def state_names(config: HybridConfig) -> list[str]:
-    """Names of the past-state inputs, in graph order (present names: see `present_name`)."""
-    names = []
-    for i in range(config.num_hidden_layers):
-        if i in config.attention_layers:
-            names += [f"past_key_values.{i}.{kind}" for kind in ("key", "value")]
-        else:
-            names.append(f"past_conv.{i}")
-    return names
 
 
 def empty_state(config: HybridConfig, kv_cache: str, past_len: int = 0) -> dict[str, torch.Tensor]:
@@ -282,6 +267,8 @@ def fuse_for_ort(graph):
     fused kernels per step (see README). Its MatMul+Transpose -> FusedMatMul rules are left out on
     purpose: they would hide weights from the quantizers (ORT applies them itself at load time)."""
     import onnx_ir as ir
+    # private module on purpose: onnxscript 0.7.2's public ort_fusions has only optimize_for_ort, which adds
+    # those FusedMatMul rules (tiny fp32 graph: 4 MatMul+Transpose -> com.microsoft:FusedMatMul)
     from onnxscript.rewriter.ort_fusions._core import fuse_xformers
 
     model, _ = fuse_xformers(ir.serde.deserialize_model(graph))

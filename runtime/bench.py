@@ -285,13 +285,7 @@ def bench_interleaved(openers: Sequence[tuple[str, Callable[[], object]]], *, n_
 def _import_engine(runtime, path: Path) -> None:
     """Import the engine's Python module (an engine that initialises itself lazily, on first load,
     still pays that in load_ms)."""
-    import importlib
-
-    if path.is_dir():  # a checkpoint (the PyTorch reference) or an onnxruntime-genai model folder
-        onnx_folder = runtime.engine_for(path) == "onnxruntime"
-        importlib.import_module("runtime.onnxruntime" if onnx_folder else "runtime.reference")
-    elif path.suffix in runtime.BACKENDS:
-        importlib.import_module(runtime.BACKENDS[path.suffix][0])
+    runtime.backend_for(path)  # the checkpoint's reference, a model folder's, or the suffix's backend
 
 
 def _load(runtime, path: Path, n_threads, options):
@@ -365,17 +359,17 @@ def _kv(n) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def main(args) -> None:
-    """`edge bench ARTIFACT... [-p] [-n] [-d] [-r] [-t] [--kv-cache] [--json] [--seed]`."""
+def main(args, runner=None) -> None:
+    """`edge bench ARTIFACT... [-p] [-n] [-d] [-r] [-t] [--kv-cache] [--json] [--seed]`; runner: what
+    measures instead of bench_artifacts (the CLI's --device passes the device agent's)."""
     from edge.files import write_json
 
     if args.threads is not None and args.threads < 1:
         raise EdgeError(f"-t must be at least 1, got {args.threads}")
     options = dict(n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth, repetitions=args.repetitions,
                    n_threads=args.threads, kv_cache=args.kv_cache, seed=args.seed)
-    if getattr(args, "device", None):  # the device agent's transport (docs/design.md §4); else this process
-        from device.client import bench_on_device
-        records = bench_on_device(args.device, args.device_token_file, args.artifacts, **options)
+    if runner is not None:
+        records = runner(args.artifacts, **options)
     else:
         records = bench_artifacts(args.artifacts, progress=True, **options)
     print(format_table(records))

@@ -5,9 +5,10 @@ Why not ExecuTorch's `llama::custom_quantized_sdpa`: its Q·K runs torchao's int
 code only; on x86 it is a scalar fallback, ~15x slower than fp32 `custom_sdpa` in prefill (README).
 
 Two halves, one op schema:
-  - `define_ops()` registers the schema (functional + out variant, as ExecuTorch's memory planner needs)
-    with torch.library, with a reference implementation in torch: what torch.export traces at export time
-    and what the tests compare the kernel against;
+  - `define_ops()` (edge/formats/executorch.py, the format's contract: the exporter needs it too)
+    registers the schema (functional + out variant, as ExecuTorch's memory planner needs) with
+    torch.library, with a reference implementation in torch: what torch.export traces at export time and
+    what the tests compare the kernel against;
   - the op library `libedge_ops.so`: runtime/kernels/int8_sdpa.cpp built by its CMake project
     (runtime/kernels/CMakeLists.txt) against the installed executorch wheel, at install time, by
     `python -m runtime.et_kernels build` (`build()`), into `library_path()` = <sys.prefix>/lib/hybrid-edge/.
@@ -30,80 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from edge.errors import EdgeError
 from edge.files import atomic_path, write_json
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "int8_sdpa.cpp"
 CMAKE_PROJECT = KERNEL_SOURCE.with_name("CMakeLists.txt")
 _loaded: ctypes.CDLL | None = None
-
-
-def int8_sdpa_reference(q, k_cache, v_cache, k_scales, v_scales, start_pos: int) -> torch.Tensor:
-    """What the kernel computes, in torch: q [1,T,H,D] float; caches int8 [1,S,KV,D]; scales [1,S,KV,1]."""
-    from edge.model import causal_mask, grouped_attention
-
-    T, end = q.shape[1], start_pos + q.shape[1]
-    keys = k_cache[:, :end].to(torch.float32) * k_scales[:, :end]
-    values = v_cache[:, :end].to(torch.float32) * v_scales[:, :end]
-    y = grouped_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                          causal_mask(T, end, start_pos))
-    return y.transpose(1, 2).contiguous()
-
-
-def quantize_symmetric(x: torch.Tensor):
-    """int8 values and one fp32 scale per vector over the last dim (symmetric: zero point 0)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
-
-
-def int8_update_cache_reference(value, cache, scales, start_pos: int) -> None:
-    """What the cache writer does, in torch: value [1,T,KV,D] float -> cache int8 / scales at start_pos.."""
-    end = start_pos + value.shape[1]
-    quantized, scale = quantize_symmetric(value)
-    cache[:, start_pos:end].copy_(quantized)
-    scales[:, start_pos:end].copy_(scale)
-
-
-def define_ops() -> None:
-    """Register edge::int8_sdpa and edge::int8_update_cache (functional + .out) with torch (idempotent)."""
-    if hasattr(torch.ops.edge, "int8_sdpa"):
-        return
-    lib = torch.library.Library("edge", "DEF")
-    args = "Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, SymInt start_pos"
-    lib.define(f"int8_sdpa({args}) -> Tensor")
-    lib.define(f"int8_sdpa.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
-
-    def functional(q, k_cache, v_cache, k_scales, v_scales, start_pos):
-        return int8_sdpa_reference(q, k_cache, v_cache, k_scales, v_scales, start_pos)
-
-    def out_variant(q, k_cache, v_cache, k_scales, v_scales, start_pos, *, out):
-        return out.copy_(int8_sdpa_reference(q, k_cache, v_cache, k_scales, v_scales, start_pos))
-
-    lib.impl("int8_sdpa", functional, "CompositeExplicitAutograd")
-    lib.impl("int8_sdpa.out", out_variant, "CompositeExplicitAutograd")
-    lib.impl("int8_sdpa", lambda q, *rest: torch.empty_like(q), "Meta")
-    lib.impl("int8_sdpa.out", lambda q, *rest, out: out, "Meta")
-
-    # the cache writer: mutates cache and scales in place (as llama::update_cache does), returns a dummy [1]
-    args = "Tensor value, Tensor(a!) cache, Tensor(b!) scales, SymInt start_pos"
-    lib.define(f"int8_update_cache({args}) -> Tensor")
-    lib.define(f"int8_update_cache.out({args}, *, Tensor(c!) out) -> Tensor(c!)")
-
-    def update(value, cache, scales, start_pos):
-        int8_update_cache_reference(value, cache, scales, start_pos)
-        return value.new_zeros(1)
-
-    def update_out(value, cache, scales, start_pos, *, out):
-        int8_update_cache_reference(value, cache, scales, start_pos)
-        return out
-
-    lib.impl("int8_update_cache", update, "CompositeExplicitAutograd")
-    lib.impl("int8_update_cache.out", update_out, "CompositeExplicitAutograd")
-    lib.impl("int8_update_cache", lambda value, *rest: value.new_empty(1), "Meta")
-    lib.impl("int8_update_cache.out", lambda *args, out: out, "Meta")
-    define_ops.library = lib  # a Library unregisters its ops when collected
 
 
 # ---- the op library: built once at install time, loaded when a .pte needs it ------------------------

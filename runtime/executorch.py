@@ -21,18 +21,17 @@ import torch
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
+from edge.formats import FORMATS
+from edge.formats.executorch import KV_ELEMENT_BYTES, META_TYPES, load_custom_ops
 from edge.tokenizer import load_tokenizer
 
 from .session import Session
-
-KV_ELEMENT_BYTES = {"fp32": 4, "int8": 1, "int8-stock": 1}
 
 
 def _runtime():
     """The ExecuTorch runtime with the llama:: and quantized_decomposed:: kernels registered."""
     from executorch.runtime import Runtime
 
-    from export.executorch import load_custom_ops
     load_custom_ops()
     return Runtime.get()
 
@@ -73,10 +72,6 @@ def execute(method, inputs: list):
         torch.set_num_threads(previous)
 
 
-# edge_metadata fields the session reads, and their JSON types
-META_TYPES = {"config": dict, "quant": str, "kv_cache": str, "max_seq_len": int, "prefill_chunk": int}
-
-
 def _constant(program, name: str, default):
     """A constant method's value (e.g. get_max_context_len, which sizes the K/V buffers), or default."""
     return program.load_method(name).execute([])[0] if name in program.method_names else default
@@ -111,9 +106,11 @@ def _text(method) -> str:
 
 
 class ExecuTorchSession(Session):
-    engine = "executorch"
+    format = FORMATS["executorch"]  # KV cache fixed at export: the program's buffers
+    engine = format.engine
 
-    def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None):
+    def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
+                 max_seq_len: int | None = None):
         path = Path(path)
         runtime = _runtime()
         # before any method is loaded: XNNPACK binds the pool at method init, and resizing it under a
@@ -131,11 +128,12 @@ class ExecuTorchSession(Session):
             reason = next((line for line in log if "cpuinfo" not in line), first_line(error))
             raise EdgeError(f"cannot load {path} in ExecuTorch ({reason}); the file is corrupt or not written "
                             "by `edge export executorch`, re-export it")
-        if kv_cache and kv_cache != meta["kv_cache"]:
-            raise EdgeError(f"{path.name} has a {meta['kv_cache']} KV cache, fixed at export; drop --kv-cache "
-                            f"or re-export with `edge export executorch --kv-cache {kv_cache}`")
+        self._fixed_at_export(path, "kv_cache", kv_cache, meta["kv_cache"])
+        if max_seq_len and max_seq_len > meta["max_seq_len"]:
+            raise EdgeError(f"max_seq_len {max_seq_len} exceeds the {meta['max_seq_len']} {path} was exported for; "
+                            "re-export with a larger --max-seq-len")
         config = HybridConfig.from_dict(meta["config"])
-        super().__init__(config, tokenizer, meta["max_seq_len"], threads,
+        super().__init__(config, tokenizer, max_seq_len or meta["max_seq_len"], threads,
                          quant=meta["quant"], kv_cache=meta["kv_cache"], path=str(path))
         self.metadata = meta
         self.chat_template = meta.get("chat_template")
@@ -192,4 +190,4 @@ class ExecuTorchSession(Session):
 
     def kv_cache_allocated_bytes(self) -> int:
         """What the program's K/V buffers occupy: preallocated for max_seq_len positions."""
-        return self._kv_bytes(self.max_seq_len)
+        return self._kv_bytes(self.metadata["max_seq_len"])

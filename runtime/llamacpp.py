@@ -14,8 +14,6 @@ refuses a file.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 from pathlib import Path
 
@@ -27,47 +25,15 @@ from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
+from edge.formats import FORMATS
 from edge.tokenizer import load_tokenizer
-from export.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_CACHES, check_llamacpp_can_run
+from edge.formats.gguf import (ABSENT_KV_CACHE, ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_TYPES,
+                               check_llamacpp_can_run, llama_log, quiet_llamacpp)
 
 from .session import Session
 
-KV_TYPES = {name: QType[name.upper()] for name in KV_CACHES}  # f16 -> F16, q8_0 -> Q8_0, q4_0 -> Q4_0
-GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+quiet_llamacpp()  # process-wide, from the first import on: llama.cpp's log never reaches stderr
 MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunks
-
-
-# ---- llama.cpp's log: captured, not printed ----------------------------------------------------------
-class _LogCapture:
-    def __init__(self):
-        self.lines: list[tuple[int, str]] = []
-
-    def first_error(self) -> str:
-        errors = [text.strip() for level, text in self.lines if level == GGML_LOG_LEVEL_ERROR and text.strip()]
-        return errors[0] if errors else ""
-
-
-_capture: _LogCapture | None = None
-
-
-@llama_cpp.llama_log_callback
-def _log_callback(level, text, user_data):
-    if _capture is not None:
-        _capture.lines.append((level, (text or b"").decode("utf-8", errors="replace")))
-
-
-llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))  # process-wide: keeps llama.cpp quiet
-
-
-@contextlib.contextmanager
-def llama_log():
-    """Collect what llama.cpp logs inside the block (to quote its error in ours)."""
-    global _capture
-    previous, _capture = _capture, _LogCapture()
-    try:
-        yield _capture
-    finally:
-        _capture = previous
 
 
 # ---- reading the GGUF header -------------------------------------------------------------------------
@@ -141,7 +107,7 @@ def read_gguf(path: Path) -> dict:
                                          _field(reader, Keys.Tokenizer.MERGES))
     file_type = _field(reader, Keys.General.FILE_TYPE, required=False)
     return dict(config=config, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
-                kv_cache=_field(reader, KV_CACHE_KEY, default="f16"),
+                kv_cache=_field(reader, KV_CACHE_KEY, default=ABSENT_KV_CACHE),
                 chat_template=_field(reader, Keys.Tokenizer.CHAT_TEMPLATE, required=False))
 
 
@@ -174,7 +140,8 @@ def tokenizer_from_vocab(tokens: list[str], types: list[int] | None, merges: lis
 
 # ---- the session ---------------------------------------------------------------------------------------
 class LlamaCppSession(Session):
-    engine = "llamacpp"
+    format = FORMATS["gguf"]  # kv_cache_at_load: llama.cpp takes the KV type at context creation
+    engine = format.engine
 
     def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
                  max_seq_len: int | None = None):

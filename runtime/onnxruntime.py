@@ -20,14 +20,13 @@ import onnxruntime as ort
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
+from edge.formats import FORMATS
+from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, REQUIRED_META, present_name
 from edge.tokenizer import load_tokenizer
 
 from .session import Session
 
-META_PREFIX = "edge."
-ATTENTION_MASK = "attention_mask"
 FIRST_CAPACITY = 256  # positions of the shared K/V buffers of a fresh session
-REQUIRED_META = ("config", "tokenizer", "quant", "kv_cache", "max_seq_len")
 # ONNX tensor type strings -> numpy dtypes (the ones our graphs use for state)
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
@@ -45,15 +44,15 @@ def read_metadata(session: ort.InferenceSession, path) -> dict[str, str]:
 
 
 class OnnxSession(Session):
-    engine = "onnxruntime"
+    format = FORMATS["onnx"]  # KV cache fixed at export: the graph's past/present dtypes
+    engine = format.engine
+    saves_state = True
 
-    def __init__(self, path, n_threads: int | None = None, max_seq_len: int | None = None,
-                 optimization: str = "all", **ignored):
+    def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
+                 max_seq_len: int | None = None):
         path = Path(path)
         options = ort.SessionOptions()
-        options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
         if n_threads:
@@ -71,6 +70,7 @@ class OnnxSession(Session):
             exported_max = int(meta["max_seq_len"])
         except (ValueError, KeyError) as e:
             raise EdgeError(f"{path} has unreadable metadata ({first_line(e)}); re-export it") from None
+        self._fixed_at_export(path, "kv_cache", kv_cache, meta["kv_cache"])
         if max_seq_len and max_seq_len > exported_max:
             raise EdgeError(f"max_seq_len {max_seq_len} exceeds the {exported_max} {path} was exported for; "
                             "re-export with a larger --max-seq-len")
@@ -205,7 +205,3 @@ class OnnxSession(Session):
         self.state, self.kv, self.conv, self.bindings = {}, {}, {}, []
         self.session = None
 
-
-def present_name(past: str) -> str:
-    """The output name that carries a past_* input's next value (export/onnx.py writes these pairs)."""
-    return past.replace("past_key_values.", "present.").replace("past_conv.", "present_conv.")

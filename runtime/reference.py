@@ -6,6 +6,7 @@ import torch
 
 from edge.chat import read_chat_template
 from edge.checkpoint import load_model
+from edge.formats import REFERENCE_ENGINE
 from edge.model import DynamicCache
 from edge.tokenizer import load_tokenizer
 
@@ -13,9 +14,11 @@ from .session import Session
 
 
 class ReferenceSession(Session):
-    engine = "pytorch"
+    engine = REFERENCE_ENGINE
 
-    def __init__(self, model_dir, n_threads: int | None = None, max_seq_len: int | None = None):
+    def __init__(self, model_dir, n_threads: int | None = None, kv_cache: str | None = None,
+                 max_seq_len: int | None = None):
+        self._fixed_at_export(model_dir, "kv_cache", kv_cache, "f32")  # HybridLM's cache is fp32
         self.model = load_model(model_dir)
         config = self.model.config
         tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None

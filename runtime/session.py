@@ -1,22 +1,36 @@
 """The Session API every engine implements (docs/design.md §4).
 
 A backend subclasses `Session` and implements `_forward(ids) -> last logits`, `_reset()` and
-`kv_cache_bytes()`. Input checks, position bookkeeping, sampling and text streaming live here once,
-so every engine reports bad input with the same one-line `EdgeError`.
+`kv_cache_bytes()` (abstract here). Input checks, position bookkeeping, sampling and text streaming live
+here once, so every engine reports bad input with the same one-line `EdgeError`.
+
+Every engine runtime.load opens has one constructor signature, `Backend(path, n_threads=None,
+kv_cache=None, max_seq_len=None)` (LOAD_OPTIONS), and calls `Session.__init__` with what it read from the
+artifact. An option the engine cannot honour is an EdgeError naming the engine (`_fixed_at_export`).
+Capabilities only some engines have are declared here with a default, never probed with hasattr:
+`format.kv_cache_at_load`, `saves_state` (state_arrays/load_state), `op_library`, `synchronize()`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from edge.formats import Format
+
+LOAD_OPTIONS = ("n_threads", "kv_cache", "max_seq_len")
 
 
-class Session:
-    engine = "?"
+class Session(ABC):
+    engine: ClassVar[str] = "?"
+    format: ClassVar[Format | None] = None  # its entry in edge.formats (None: the reference, benchmark peers)
+    saves_state: ClassVar[bool] = False     # state_arrays()/load_state() save and restore a conversation
     chat_template: str | None = None  # the artifact's chat template (edge/chat.py), where it carries one
+    op_library: str | None = None     # the native op library the artifact needs loaded, where it needs one
 
     def __init__(self, config: HybridConfig, tokenizer, max_seq_len: int, n_threads: int | None = None,
                  quant: str = "f32", kv_cache: str = "f32", path: str = ""):
@@ -30,19 +44,46 @@ class Session:
         self.n_past = 0
 
     # ---- what a backend implements ------------------------------------------------------------
+    @abstractmethod
     def _forward(self, ids: list[int]) -> np.ndarray:
         """Run ids at positions n_past.. through the engine; return float32 logits [vocab] of the last."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Start a fresh sequence."""
 
+    @abstractmethod
     def kv_cache_bytes(self) -> int:
         """Bytes the K/V cache of the attention layers occupies at the current context."""
-        raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Free the engine's resources (idempotent)."""
+
+    def synchronize(self) -> None:
+        """Wait for work the engine queued (llama.cpp); a no-op where every call returns when done."""
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        raise EdgeError(f"{self.engine} cannot save a conversation's state (Session.saves_state is False)")
+
+    def load_state(self, arrays: dict[str, np.ndarray], n_past: int) -> None:
+        raise EdgeError(f"{self.engine} cannot restore a conversation's state (Session.saves_state is False)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @classmethod
+    def _fixed_at_export(cls, path, option: str, asked, stored) -> None:
+        """load(option=asked) on an engine that fixes the option at export: refused, in one line, unless
+        it names what the artifact already has."""
+        if asked is not None and asked != stored:
+            flag = "--" + option.replace("_", "-")
+            fix = (f"re-export with `edge export {cls.format.name} {flag} {asked}`" if cls.format
+                   else f"{cls.engine} has no other")
+            raise EdgeError(f"{cls.engine}: {getattr(path, 'name', path)} has {option} {stored}, fixed at export; "
+                            f"drop {option}/{flag} or {fix}")
 
     # ---- the API ---------------------------------------------------------------------------------
     @property

@@ -146,26 +146,21 @@ def pytest_terminal_summary(terminalreporter):
 ARTIFACT_MAX_SEQ_LEN = 96
 
 
-def _unquantized(names, *preferred):
-    return next(n for n in preferred if n in names)
-
-
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_dir):
     """export format (gguf, executorch, onnx) -> the tiny checkpoint exported with unquantized weights and
     cache (fp16 KV where the engine has no fp32 cache) at max_seq_len ARTIFACT_MAX_SEQ_LEN, once per session."""
-    from export import FORMATS, export_model, format_module
+    from edge.formats import FORMATS
+    from export import export_model
 
     built = {}
 
     def get(fmt):
         if fmt not in built:
-            module = format_module(fmt)
+            spec = FORMATS[fmt]
             built[fmt] = export_model(
-                fmt, tiny_dir, tmp_path_factory.mktemp(f"tiny-{fmt}") / f"tiny{FORMATS[fmt][1]}",
-                quant=_unquantized(module.QUANTS, "f32", "fp32"),
-                kv_cache=_unquantized(module.KV_CACHES, "f32", "fp32", "f16", "fp16"),
-                max_seq_len=ARTIFACT_MAX_SEQ_LEN)
+                fmt, tiny_dir, tmp_path_factory.mktemp(f"tiny-{fmt}") / f"tiny{spec.suffix}",
+                quant=spec.exact_quant, kv_cache=spec.exact_kv_cache, max_seq_len=ARTIFACT_MAX_SEQ_LEN)
         return built[fmt]
 
     return get

@@ -16,10 +16,14 @@ import subprocess
 import sys
 import tempfile
 
-# engine -> (export format, weights, KV cache) of the probe
-ENGINES = {"llamacpp": ("gguf", "q4_0", "q8_0"), "executorch": ("executorch", "8da4w", "int8"),
-           "onnxruntime": ("onnx", "int4", "int8")}
-ENGINE_OF_FORMAT = {fmt: engine for engine, (fmt, _, _) in ENGINES.items()}  # the `engine` marker's names
+from edge.formats import FORMATS
+
+# engine -> (export format, weights, KV cache) of the probe: the 4-bit weights and 8-bit KV whose native
+# kernels are likeliest to crash on a CPU (the demo's); a format not listed here, its defaults
+PROBE_QUANTS = {"gguf": ("q4_0", "q8_0"), "executorch": ("8da4w", "int8"), "onnx": ("int4", "int8")}
+ENGINES = {f.engine: (f.name, *PROBE_QUANTS.get(f.name, (f.default_quant, f.default_kv_cache)))
+           for f in FORMATS.values()}
+ENGINE_OF_FORMAT = {f.name: f.engine for f in FORMATS.values()}  # the `engine` marker's names
 PROBE_TIMEOUT_S = 600
 _children: dict[str, subprocess.Popen] = {}
 PROBED: dict[str, str | None] = {}  # engine -> cause of failure (None: runs), for this test session
@@ -71,14 +75,14 @@ def probe(engine: str) -> None:
     from edge.model import HybridLM
     from edge.tokenizer import default_corpus, save_tokenizer, train_tokenizer
     import runtime
-    from export import FORMATS, export_model
+    from export import export_model
 
     fmt, quant, kv = ENGINES[engine]
     config = preset("tiny").replace(num_hidden_layers=2, layer_types=["conv", "full_attention"])
     with tempfile.TemporaryDirectory() as tmp:
         save_model(HybridLM(config).init_weights(0), tmp)
         save_tokenizer(train_tokenizer(default_corpus(), config.vocab_size), tmp)
-        suffix = FORMATS[fmt][1]
+        suffix = FORMATS[fmt].suffix
         artifact = export_model(fmt, tmp, f"{tmp}/probe{suffix}", quant=quant, kv_cache=kv, max_seq_len=64)
         session = runtime.load(artifact, n_threads=1)
         session.prefill(list(range(1, 40)))

@@ -13,31 +13,22 @@ import pytest
 import runtime
 from edge.config import HybridConfig
 from edge.errors import EdgeError
+from edge.formats import ENGINES, FORMATS, REFERENCE_ENGINE
 from conftest import ARTIFACT_MAX_SEQ_LEN as MAX_SEQ_LEN
 from engines import needs
 from parity import assert_parity, random_ids, reference_logits, session_logits
 
-# engine -> (export format, artifact suffix, backend module); None: the checkpoint dir itself
-ENGINES = {
-    "pytorch": None,
-    "gguf": ("gguf", ".gguf", "runtime.llamacpp"),
-    "executorch": ("executorch", ".pte", "runtime.executorch"),
-    "onnx": ("onnx", ".onnx", "runtime.onnxruntime"),
-}
-
-
-# the `engine` marker skips an engine, with the cause, where its native build cannot run here
-PARAMS = [pytest.param(e, marks=needs(e)) for e in ENGINES]
+# the PyTorch reference (the checkpoint dir itself), then every format of the registry; the `engine`
+# marker skips a format, with the cause, where its engine's native build cannot run here
+PARAMS = [REFERENCE_ENGINE, *(pytest.param(f, marks=needs(f)) for f in FORMATS)]
 
 
 @pytest.fixture(scope="module", params=PARAMS)
 def session(request, tiny_dir, tiny_artifact):
-    engine = request.param
-    path = tiny_dir if ENGINES[engine] is None else tiny_artifact(ENGINES[engine][0])
-    options = {"max_seq_len": MAX_SEQ_LEN} if engine == "pytorch" else {}
-    s = runtime.load(path, n_threads=1, **options)
-    yield s
-    s.close()
+    fmt = request.param
+    path = tiny_dir if fmt == REFERENCE_ENGINE else tiny_artifact(fmt)
+    with runtime.load(path, n_threads=1, max_seq_len=MAX_SEQ_LEN) as s:
+        yield s
 
 
 @pytest.fixture
@@ -54,7 +45,7 @@ def test_self_sufficient_metadata(fresh, tiny_dir):
     assert fresh.max_seq_len == MAX_SEQ_LEN
     assert fresh.n_threads == 1
     assert fresh.n_past == 0
-    assert fresh.engine in {"pytorch", "llamacpp", "executorch", "onnxruntime"}
+    assert fresh.engine in ENGINES
     assert fresh.tokenizer is not None, "artifacts carry their tokenizer"
 
 
@@ -138,3 +129,28 @@ def test_kv_cache_bytes_grow_with_n_past(fresh):
     assert per_token * 2 * 16 <= after_decode - after_prefill <= per_token * 4 * 16 + 4096
     fresh.reset()
     assert fresh.kv_cache_bytes() <= start
+
+
+@pytest.mark.parametrize("fmt", PARAMS)
+def test_one_set_of_load_options(fmt, tiny_dir, tiny_artifact):
+    """Every engine takes the same options; a KV cache fixed at export is refused in one line naming the
+    engine (the registry declares which engines pick it at load), and a session is a context manager."""
+    spec = FORMATS.get(fmt)
+    path = tiny_dir if spec is None else tiny_artifact(fmt)
+    other = next(k for k in (spec.kv_caches if spec else ("q8_0",)) if k != (spec.exact_kv_cache if spec else None))
+    cls = runtime.backend_for(path)
+    assert issubclass(cls, runtime.Session) and cls.format is spec
+    if spec is not None and spec.kv_cache_at_load:
+        with runtime.load(path, n_threads=1, kv_cache=other) as s:
+            assert s.kv_cache == other
+    else:
+        with pytest.raises(EdgeError, match="fixed at export") as e:
+            runtime.load(path, n_threads=1, kv_cache=other)
+        assert "\n" not in str(e.value) and cls.engine in str(e.value)
+    with pytest.raises(EdgeError, match="takes no option 'threads'"):
+        runtime.load(path, threads=1)
+    with runtime.load(path, n_threads=1, max_seq_len=MAX_SEQ_LEN // 2) as s:
+        assert s.max_seq_len == MAX_SEQ_LEN // 2
+        closed, close = [], s.close
+        s.close = lambda: (closed.append(True), close())  # what __exit__ calls
+    assert closed == [True]

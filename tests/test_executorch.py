@@ -283,7 +283,7 @@ def test_stock_runner_without_our_library_refuses_our_kernels(pte, checkpoints, 
 
 
 def test_op_library_in_metadata_and_edge_info(pte, op_library, capsys):
-    from export.executorch import OP_LIBRARY
+    from edge.formats.executorch import OP_LIBRARY
 
     assert _edge_metadata(pte("8da4w-int8kv"))["op_library"] == OP_LIBRARY
     assert _edge_metadata(pte("mqa-8da8w-int8stock"))["op_library"] is None
@@ -327,7 +327,7 @@ def _kernel_method(module, example, dynamic_shapes, out):
     `op_library` fixture builds it): its forward in the ExecuTorch runtime."""
     from executorch.exir import to_edge
 
-    from export.executorch import load_custom_ops
+    from edge.formats.executorch import load_custom_ops
     from runtime.et_kernels import load_kernels
     from runtime.executorch import _runtime
 
@@ -352,7 +352,7 @@ class Int8AttentionOnly(torch.nn.Module):
 def test_int8_attention_kernel_matches_torch(heads, kv_heads, head_dim, tmp_path, op_library):
     """Our ExecuTorch kernel (runtime/kernels/int8_sdpa.cpp) == its torch reference, on the decode path
     (T <= 4, int8 read in place) and the prefill path (T > 4, dequantized blocks of 16 queries)."""
-    from runtime.et_kernels import int8_sdpa_reference, quantize_symmetric
+    from edge.formats.executorch import int8_sdpa_reference, quantize_symmetric
 
     S = 64
     gen = torch.Generator().manual_seed(heads)
@@ -398,7 +398,7 @@ class Int8CacheWriter(torch.nn.Module):
 def test_int8_cache_writer_kernel_matches_torch(tmp_path, op_library):
     """Our cache writer in the ExecuTorch runtime == its torch reference: scales to float precision, int8
     values equal up to a rounding tie (the kernel is built with -ffast-math), rows written only where asked."""
-    from runtime.et_kernels import int8_update_cache_reference
+    from edge.formats.executorch import int8_update_cache_reference
 
     tokens = torch.export.Dim("tokens", min=1, max=16)
     method = _kernel_method(Int8CacheWriter(), (torch.randn(1, 3, 2, 20), torch.tensor([0])), ({1: tokens}, None),

@@ -41,7 +41,8 @@ from edge.checkpoint import WEIGHTS, check_checkpoint, expected_shapes
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from engines import ENGINE_OF_FORMAT, needs
-from export import FORMATS, export_model
+from edge.formats import FORMATS
+from export import export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMPAIGN = int(os.environ.get("EDGE_FUZZ_EXAMPLES", "0"))
@@ -55,7 +56,7 @@ def fuzz(factor: int = 1):
     return settings(SETTINGS, max_examples=FUZZ_EXAMPLES * factor)
 
 
-SUFFIX_FORMAT = {suffix: fmt for fmt, (_, suffix) in FORMATS.items()}
+SUFFIX_FORMAT = {f.suffix: name for name, f in FORMATS.items()}
 WORKER_MEMORY = 6 * 2**30  # address space of the loader child: a corrupt size fails an allocation there
 
 
@@ -170,7 +171,7 @@ def assert_nothing_written(out_dir: Path):
 
 def export_refused(model_dir: Path, out_dir: Path, fmt: str, *words) -> str:
     """export_model raises a one-line EdgeError naming `words` and writes nothing."""
-    out = out_dir / f"model{FORMATS[fmt][1]}"
+    out = out_dir / f"model{FORMATS[fmt].suffix}"
     with pytest.raises(EdgeError) as e:
         export_model(fmt, model_dir, out)
     message = str(e.value)
@@ -246,7 +247,7 @@ def write_mutated(base: Path, kind: str, data: bytes, workdir: Path) -> Path:
     """`data` as the artifact of `kind` to load: a file, or a copy of the checkpoint with those weights."""
     if kind == "checkpoint":
         return checkpoint_copy(base, fresh_dir(workdir, "ckpt"), weights=data)
-    path = workdir / f"mutated{FORMATS[kind][1]}"
+    path = workdir / f"mutated{FORMATS[kind].suffix}"
     path.write_bytes(data)
     return path
 
