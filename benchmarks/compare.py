@@ -67,6 +67,7 @@ EXPORTS = {
     "int4.onnx": ("onnx", "int4", "fp32", []),  # the default block 128 (4.28 bits per weight)
     "int4-int8kv.onnx": ("onnx", "int4", "int8", []),
 }
+ANCHOR = "peer: llama.cpp C API q4_0"  # measured in both processes when the ExecuTorch pool needs a second one
 OURS = ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx")  # the side-by-side set, where exported
 
 ARTIFACTS: dict[str, Path] = {}  # name -> path: WORK / name unless --use NAME=PATH points elsewhere
@@ -146,7 +147,7 @@ def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool:
     if q4.exists():
         default = defaults["llama.cpp C API"]
         for n in settings(peers.thread_settings(t, default)):
-            out.append(Candidate("peer: llama.cpp C API q4_0", {"threads": threads_label(n, default)},
+            out.append(Candidate(ANCHOR, {"threads": threads_label(n, default)},
                                  lambda n=n: peers.RawLlamaSession(q4, n, max_seq_len)))
     config = HybridConfig.load(model_dir)
     if STOCK_PTE.exists():
@@ -196,6 +197,12 @@ def default_pool_in_child(args, defaults: dict) -> dict:
         cmd += [f"--use={k}={v}" for k, v in ARTIFACTS.items()]
         subprocess.run(cmd, cwd=ROOT, check=True)
         return json.loads(out.read_text())
+
+
+def anchor_tg(records: list[dict], threads: int) -> float | None:
+    """The tg median of llama.cpp's C API at -t threads: the same system measured in both processes."""
+    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] == ANCHOR
+                 and r["harness"]["threads"] == str(threads)), None)
 
 
 def best_per_system(records: list[dict]) -> dict:
@@ -345,8 +352,7 @@ def main():
     if args.records_only:  # the default-pool child: ExecuTorch systems and the anchor, records to a file
         args.no_peers = False
         cands = [c for c in candidates(model_dir, args, max_seq_len, defaults, "default")
-                 if "executorch" in c.system or (c.system == "peer: llama.cpp C API q4_0"
-                                                 and c.harness["threads"] == str(args.threads))]
+                 if "executorch" in c.system or (c.system == ANCHOR and c.harness["threads"] == str(args.threads))]
         write_json(args.records_only, run_candidates(cands, args))
         return
     result = {"command": " ".join(sys.argv), "machine": cpu_info(), "load_average_1_5_15": os.getloadavg(),
@@ -370,15 +376,11 @@ def main():
         print(f"ExecuTorch's threadpool at its default size ({defaults['executorch_pool']}), in a child process ...",
               flush=True)
         child = default_pool_in_child(args, defaults)
-        anchor = {("child" if i else "parent"): next(r["median_ts"] for r in rs if r["n_gen"]
-                                                     and r["system"] == "peer: llama.cpp C API q4_0"
-                                                     and r["harness"]["threads"] == str(args.threads))
-                  for i, rs in enumerate((records, child))} if any(r["system"].startswith("peer: llama")
-                                                                   for r in child) else None
         result["default_pool_process"] = {
             "note": "ExecuTorch's pool cannot be resized under a loaded method, so its default size ran in a "
                     "second process; the llama.cpp C API anchor's tg median in each shows the drift between them",
-            "anchor_tg_median_ts": anchor}
+            "anchor_tg_median_ts": {"this process": anchor_tg(records, args.threads),
+                                    "default-pool process": anchor_tg(child, args.threads)}}
         records += [r for r in child if "executorch" in r["system"]]
     print(format_table(records))
     result["records"] = records

@@ -113,7 +113,7 @@ class RawLlamaSession(Session):
         self.raw = RawLlama(path, ours.max_seq_len, ours.n_batch, n_threads)
         self.n_batch = ours.n_batch
         super().__init__(ours.config, None, ours.max_seq_len, self.raw.n_threads, quant=ours.quant,
-                         kv_cache=ours.kv_cache, path=str(path))
+                         kv_cache="f16", path=str(path))  # the C API's default cache type
         ours.close()
 
     def _forward(self, ids):
