@@ -52,11 +52,14 @@ def export_stock_pte(model_dir: Path, out: Path) -> dict:
         "use_scaled_rope": False, "vocab_size": config.vocab_size, "use_hf_rope": True, "use_qk_norm": True,
         "qk_norm_before_rope": True, "layer_types": config.layer_types}))
     ckpt = work / "et_weights.pth"
+    # not run inside `work`: export_llama's model factory drops its "executorch." import prefix when the
+    # working directory's name ends with "executorch" (benchmarks/work/executorch does)
+    cwd = work.parent
     convert = run_child([sys.executable, "-m", "executorch.examples.models.lfm2.convert_weights", str(model_dir),
-                         str(ckpt)], work / "et_convert.log", cwd=work)
+                         str(ckpt)], work / "et_convert.log", cwd=cwd)
     result = run_child([sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--model",
                         "lfm2_350m", "-c", str(ckpt), "-p", str(params), *EXPORT_LLAMA_FLAGS, "-o", str(work),
-                        "-n", out.name], work / "et_export.log", cwd=work)
+                        "-n", out.name], work / "et_export.log", cwd=cwd)
     result["convert_seconds"] = convert["seconds"]
     return result
 
