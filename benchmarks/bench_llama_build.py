@@ -1,6 +1,6 @@
 """A/B of two llama.cpp builds (e.g. before and after a change of install.py's flags) on one GGUF.
 
-    python benchmarks/bench_llama_build.py OLD_DIR NEW_DIR model.gguf [-p 256] [-n 32] [-r 3] [--rounds 4]
+    python -m benchmarks.bench_llama_build OLD_DIR NEW_DIR model.gguf [-p 256] [-n 32] [-r 3] [--rounds 4]
 
 OLD_DIR and NEW_DIR each hold a `llama_cpp` package (copy `site-packages/llama_cpp` of a venv there).
 Two builds cannot share one process, so `edge bench` runs in a child per build, alternating A B B A ...
@@ -15,18 +15,18 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "llama_build.json"
+from benchmarks.common import EDGE, RESULTS, ROOT
+
+RESULTS = RESULTS / "llama_build.json"
 
 
 def bench(build_dir: Path, gguf: Path, args) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = dict(os.environ, PYTHONPATH=f"{build_dir}{os.pathsep}{ROOT}")
-        subprocess.run([sys.executable, "-m", "edge.cli", "bench", str(gguf), "-p", str(args.n_prompt), "-n",
+        subprocess.run([*EDGE, "bench", str(gguf), "-p", str(args.n_prompt), "-n",
                         str(args.n_gen), "-r", str(args.repetitions), "-t", str(args.threads), "--json", out.name],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         return json.loads(Path(out.name).read_text())

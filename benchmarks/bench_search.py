@@ -12,8 +12,8 @@
 4. Compare the front with the seeded LFM2 layouts at equal latency: for each LFM2 layout, the best
    front candidate that decodes at most as slowly, and its quality relative to the layout.
 
-    .venv/bin/python benchmarks/bench_search.py [--trials 36] [--scale 4] [--quality params] [--space small]
-    .venv/bin/python benchmarks/bench_search.py --space tiny --quality mqar:100 --scale 30 --trials 24
+    python -m benchmarks.bench_search [--trials 36] [--scale 4] [--quality params] [--space small]
+    python -m benchmarks.bench_search --space tiny --quality mqar:100 --scale 30 --trials 24
 
 The study is SQLite in benchmarks/work/search/, so an interrupted run resumes where it stopped.
 """
@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from arch_search.measure import MeasureSettings, measure, summary
+from arch_search.quality import parse_proxy
+from arch_search.search import (SearchSettings, describe_candidate, measure_settings_for, parse_budget, run_search,
+                                trial_rows, write_results)
+from benchmarks.common import RESULTS as RESULTS_ROOT
+from benchmarks.common import WORK as WORK_ROOT
+from edge.config import preset
+from edge.files import write_json
+from edge.tokenizer import default_corpus, load_tokenizer, train_tokenizer
 
-from arch_search.measure import MeasureSettings, measure, summary  # noqa: E402
-from arch_search.quality import parse_proxy  # noqa: E402
-from arch_search.search import (SearchSettings, describe_candidate, measure_settings_for, parse_budget,  # noqa: E402
-                                run_search, trial_rows, write_results)
-from edge.config import preset  # noqa: E402
-from edge.files import write_json  # noqa: E402
-from edge.tokenizer import default_corpus, load_tokenizer, train_tokenizer  # noqa: E402
-
-WORK = ROOT / "benchmarks" / "work" / "search"
-RESULTS = ROOT / "benchmarks" / "results" / "search"
+WORK = WORK_ROOT / "search"
+RESULTS = RESULTS_ROOT / "search"
 CONTEXT = 512
 
 

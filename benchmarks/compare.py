@@ -1,53 +1,60 @@
-"""One model in every format, side by side: our three engines vs llama.cpp and transformers, plus the roofline.
+"""One model in every format, side by side: ours vs each peer, each at its best harness, plus the roofline.
 
-    python benchmarks/compare.py [-t 2] [-p 256] [-n 64] [-r 5] [--depth 4096] [--depth-gen 32]
-                                 [--depth-reps 2] [--skip-depth] [--no-peers]
+    python -m benchmarks.compare [-t 2] [-p 256] [-n 64] [-r 5] [--harness search|fixed] [--depth 4096]
+                                 [--depth-gen 32] [--depth-reps 2] [--skip-depth] [--no-peers] [--tiny]
 
-1. The lfm2-350m preset with random weights: the checkpoint benchmarks/bench_gguf.py builds under
-   benchmarks/work/gguf/lfm2-350m (tokenizer trained to the full 65536 entries) — reused, not duplicated.
+1. The lfm2-350m preset with random weights (benchmarks.common.checkpoint: tokenizer trained to the full
+   65536 entries), built once under benchmarks/work/gguf/lfm2-350m.
 2. Exports (each once, in a child process, under benchmarks/work/compare/, max_seq_len covering the
    depth test) at comparable bit widths: GGUF q4_0 and q8_0, ExecuTorch 8da4w (fp32 and int8 KV),
-   ONNX int4 (fp32 and int8 KV). The GGUF KV type is picked at load (f16 / q8_0 / q4_0).
-3. Side by side, interleaved A B A B per repetition with runtime.bench (llama-bench method, `-t`
-   threads each): ours, llama.cpp driven by its plain C API on the same q4_0 GGUF (llama-cpp-python's
-   low-level bindings, no Session code), ExecuTorch's own export_llama .pte and onnxruntime-genai's
-   builder model where benchmarks/bench_executorch.py / bench_onnx.py left them, and Hugging Face
-   transformers' eager fp32 Lfm2ForCausalLM (its own cache, logits of the last position only).
+   ONNX int4 (fp32 and int8 KV); the GGUF KV type is picked at load (f16 / q8_0 / q4_0). The peers'
+   artifacts (benchmarks.peers): ExecuTorch's own export_llama .pte and onnxruntime-genai's builder
+   model, shared with benchmarks.bench_executorch / bench_onnx.
+3. Side by side, interleaved A B A B per repetition with runtime.bench (llama-bench method): ours
+   (runtime.load) and the peers wrapped as Sessions (benchmarks.peers): llama.cpp's plain C API on the
+   same q4_0 GGUF, export_llama's .pte through executorch.runtime, onnxruntime-genai's Generator, and
+   Hugging Face transformers' fp32 Lfm2ForCausalLM. `--harness search` (default) runs every system under
+   each plausible harness setting (threads -t vs the engine's default; for ExecuTorch, ours and theirs,
+   torch's pool held at one thread around `execute` or not, and the threadpool sized to -t or left at
+   its default, which needs its own process; onnxruntime-genai fed token by token or decoding with its
+   own `generate_next_token` loop; transformers' eager or sdpa attention) and reports each system at its
+   best setting, per test, saying which won; `--harness fixed` runs the first setting of each only.
 4. Roofline: read bandwidth measured here (numpy sum over 1 GiB, best of 5, 1 and 2 threads), bytes per
    decoded token ≈ the artifact's bytes (every weight is read once per token; with tied embeddings the
    LM head reads the whole table) + its KV bytes; ceiling = bandwidth / bytes, and % achieved.
-5. Depth test: decode after `--depth` tokens of context, each engine with its unquantized and its
+5. Depth test (ours): decode after `--depth` tokens of context, each engine with its unquantized and its
    quantized KV cache: KV bytes ratio and decode speed ratio.
 
-Writes benchmarks/results/compare.json and compare.png. The machine is shared: quote medians and ratios.
+Writes benchmarks/results/compare.json and compare.png (`--out NAME` for NAME.json / NAME.png).
+The machine is shared: quote medians and ratios of one run.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
-import threading
-import time
+import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks import peers
+from benchmarks.common import EDGE, ROOT, add_protocol_options, checkpoint, run_child, tiny_checkpoint
+from benchmarks.common import RESULTS as RESULTS_ROOT
+from benchmarks.common import WORK as WORK_ROOT
+from benchmarks.peers import Candidate, harness_text, threads_label
+from edge.config import HybridConfig
+from edge.files import write_json
+from runtime import load
+from runtime.bench import bench_interleaved, cpu_info, format_table, read_bandwidth
 
-from bench_gguf import add_protocol_options, checkpoint, run_child  # noqa: E402  (the one builder of the 65536-token checkpoint)
-from edge.files import write_json  # noqa: E402
-from runtime import load  # noqa: E402
-from runtime.bench import bench_interleaved, cpu_info, format_table  # noqa: E402
-from runtime.session import Session  # noqa: E402
-
-WORK = ROOT / "benchmarks" / "work" / "compare"
-RESULTS = ROOT / "benchmarks" / "results"
-EDGE = [sys.executable, "-m", "edge.cli"]
-ET_PEER = ROOT / "benchmarks" / "work" / "executorch" / "et-lfm2_350m-8da4w.pte"
-GENAI_PEER = ROOT / "benchmarks" / "work" / "onnx" / "genai-int4"
+WORK = WORK_ROOT / "compare"
+RESULTS = RESULTS_ROOT
+STOCK_PTE = WORK_ROOT / "executorch" / "et-lfm2_350m-8da4w.pte"  # shared with benchmarks.bench_executorch
+GENAI = WORK_ROOT / "onnx" / "genai-int4"                         # shared with benchmarks.bench_onnx
 
 # name -> export arguments (format, quant, kv cache, extra flags)
 EXPORTS = {
@@ -60,7 +67,8 @@ EXPORTS = {
     "int4.onnx": ("onnx", "int4", "fp32", []),  # the default block 128 (4.28 bits per weight)
     "int4-int8kv.onnx": ("onnx", "int4", "int8", []),
 }
-
+ANCHOR = "peer: llama.cpp C API q4_0"  # measured in both processes when the ExecuTorch pool needs a second one
+OURS = ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx")  # the side-by-side set, where exported
 
 ARTIFACTS: dict[str, Path] = {}  # name -> path: WORK / name unless --use NAME=PATH points elsewhere
 
@@ -69,10 +77,11 @@ def artifact(name: str) -> Path:
     return ARTIFACTS.get(name, WORK / name)
 
 
-def export_all(model_dir: Path, max_seq_len: int) -> dict:
+def export_all(model_dir: Path, max_seq_len: int, names=EXPORTS) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     stats = {}
-    for name, (fmt, quant, kv, flags) in EXPORTS.items():
+    for name in names:
+        fmt, quant, kv, flags = EXPORTS[name]
         out = artifact(name)
         if out.exists():
             continue
@@ -82,192 +91,246 @@ def export_all(model_dir: Path, max_seq_len: int) -> dict:
     return stats
 
 
-# ---- peers wrapped as Sessions, so they join the same interleaved rotation ------------------------
-class RawLlamaSession(Session):
-    """llama.cpp through its plain C API (llama_batch_get_one + llama_decode + llama_synchronize, as
-    llama-bench does) on the same GGUF and context parameters as our session; no logits copied out."""
-    engine = "llama.cpp (C API)"
-
-    def __init__(self, path: Path, n_threads: int, max_seq_len: int):
-        from bench_gguf import RawLlama
-
-        ours = load(path, n_threads=n_threads, max_seq_len=max_seq_len)
-        self.raw = RawLlama(ours, path)
-        super().__init__(ours.config, None, max_seq_len, n_threads, quant=ours.quant, kv_cache=ours.kv_cache,
-                         path=str(path))
-        ours.close()
-
-    def _forward(self, ids):
-        self.raw.eval(ids)
-        return np.zeros(0, np.float32)
-
-    def _reset(self):
-        self.raw.reset()
-
-    def kv_cache_bytes(self):
-        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 2  # f16
-
-    def close(self):
-        self.raw.close()
+def export_peers(model_dir: Path) -> dict:
+    """The peers' own artifacts, built where missing; a peer whose toolchain is absent is left out."""
+    stats = {}
+    builds = [("export_llama", STOCK_PTE, peers.export_stock_pte)]
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        builds.append(("genai_builder", GENAI, peers.build_genai))
+    for name, out, build in builds:
+        if out.exists():
+            continue
+        print(f"building {out.name} with {name} ...", flush=True)
+        try:
+            stats[name] = build(model_dir, out)
+        except SystemExit as e:  # run_child's failure: the comparison goes on without this peer
+            print(f"note: {e}; that peer is skipped")
+    return stats
 
 
-class TransformersSession(Session):
-    """Hugging Face transformers' eager Lfm2ForCausalLM in fp32 with its own hybrid cache."""
-    engine = "transformers eager"
-
-    def __init__(self, model_dir: Path, n_threads: int, max_seq_len: int):
-        import torch
-        from transformers import Lfm2ForCausalLM
-
-        from edge.config import HybridConfig
-
-        torch.set_num_threads(n_threads)
-        self.torch = torch
-        self.model = Lfm2ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
-                                                     attn_implementation="eager").eval()
-        self.cache = None
-        super().__init__(HybridConfig.load(model_dir), None, max_seq_len, n_threads, quant="fp32",
-                         kv_cache="fp32", path=str(model_dir))
-
-    def _forward(self, ids):
-        with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.tensor([ids]), cache=self.cache, use_cache=True,
-                             logits_to_keep=1)
-        self.cache = out.past_key_values
-        return out.logits[0, -1].numpy()
-
-    def _reset(self):
-        self.cache = None
-
-    def kv_cache_bytes(self):
-        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 4
+# ---- every system under each harness setting ---------------------------------------------------------
+def process_defaults() -> dict:
+    """The thread counts each engine takes when not told: read before anything sizes a pool."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    return {"executorch_pool": portable_lib._threadpool_get_thread_count(), "torch": torch.get_num_threads(),
+            "llama.cpp C API": peers.default_c_api_threads(), "ours llama.cpp": max((os.cpu_count() or 2) // 2, 1)}
 
 
-def peer_openers(model_dir: Path, threads: int, max_seq_len: int, with_peers: bool) -> list:
-    openers = [("llama.cpp C API q4_0", lambda: RawLlamaSession(artifact("q4_0.gguf"), threads, max_seq_len))]
-    if not with_peers:
-        return openers
-    if ET_PEER.exists():
-        from bench_executorch import StockPteSession
+def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool: str) -> list[Candidate]:
+    """Ours and each peer under each harness setting; the first setting of each is `--harness fixed`'s.
 
-        from edge.config import HybridConfig
-        openers.append(("executorch export_llama 8da4w",
-                        lambda: StockPteSession(ET_PEER, HybridConfig.load(model_dir), threads)))
+    et_pool "threads": ExecuTorch's threadpool sized to -t; "default": left at its size (another process:
+    the pool is process-wide and cannot be resized once a method is loaded)."""
+    t = args.threads
+    fixed = args.harness == "fixed"
+    et_threads = t if et_pool == "threads" else None
+    pool = str(t) if et_pool == "threads" else f"default ({defaults['executorch_pool']})"
+
+    def settings(values):
+        return values[:1] if fixed else values
+
+    out = []
+    for name in OURS:
+        path = artifact(name)
+        if not path.exists():
+            continue
+        if name.endswith(".pte"):
+            for hold in settings(["on", "off"]):
+                out.append(Candidate(f"ours: executorch {name}", {"pool": pool, "torch hold": hold},
+                                     lambda p=path, h=hold: peers.Harnessed(
+                                         load(p, n_threads=et_threads), lambda: peers.torch_thread_hold(h == "on"))))
+            continue
+        default = defaults["ours llama.cpp"] if name.endswith(".gguf") else None  # None: ORT's own default
+        engine = "llamacpp" if name.endswith(".gguf") else "onnxruntime"
+        for n in settings(peers.thread_settings(t, default)):
+            out.append(Candidate(f"ours: {engine} {name}", {"threads": threads_label(n, default)},
+                                 lambda p=path, n=n: load(p, n_threads=n)))
+    if args.no_peers:
+        return out
+    q4 = artifact("q4_0.gguf")
+    if q4.exists():
+        default = defaults["llama.cpp C API"]
+        for n in settings(peers.thread_settings(t, default)):
+            out.append(Candidate(ANCHOR, {"threads": threads_label(n, default)},
+                                 lambda n=n: peers.RawLlamaSession(q4, n, max_seq_len)))
+    config = HybridConfig.load(model_dir)
+    if STOCK_PTE.exists():
+        for hold in settings(["on", "off"]):
+            out.append(Candidate("peer: executorch export_llama 8da4w", {"pool": pool, "torch hold": hold},
+                                 lambda h=hold: peers.Harnessed(peers.StockPteSession(STOCK_PTE, config, et_threads),
+                                                                lambda: peers.torch_thread_hold(h == "on"))))
     else:
-        print(f"note: {ET_PEER} missing (run benchmarks/bench_executorch.py); ExecuTorch's own export skipped")
-    if not GENAI_PEER.exists():
-        print(f"note: {GENAI_PEER} missing (run benchmarks/bench_onnx.py); onnxruntime-genai's model skipped")
-    elif importlib.util.find_spec("onnxruntime_genai") is None:
-        print("note: onnxruntime_genai is not installed (pip install -e '.[bench]'); its builder model skipped")
+        print(f"note: {STOCK_PTE} missing; ExecuTorch's own export skipped")
+    if GENAI.exists() and importlib.util.find_spec("onnxruntime_genai") is not None:
+        for n in settings(peers.thread_settings(t, None)):
+            for loop in settings(["append", "generate"]):
+                out.append(Candidate("peer: onnxruntime-genai int4", {"threads": threads_label(n, None), "loop": loop},
+                                     lambda n=n, loop=loop: peers.GenaiSession(GENAI, model_dir, n,
+                                                                               min(max_seq_len, 4096), loop)))
     else:
-        openers.append(("onnxruntime-genai int4",
-                        lambda: GenaiSession(GENAI_PEER, model_dir, threads, min(max_seq_len, 4096))))
-    openers.append(("transformers eager fp32", lambda: TransformersSession(model_dir, threads, max_seq_len)))
-    return openers
+        print(f"note: {GENAI} or onnxruntime_genai missing (pip install -e '.[bench]'); its builder model skipped")
+    if importlib.util.find_spec("transformers") is not None:
+        default = defaults["torch"]
+        for attention in settings(["eager", "sdpa"]):
+            for n in settings(peers.thread_settings(t, default)):
+                out.append(Candidate("peer: transformers fp32", {"attention": attention,
+                                                                 "threads": threads_label(n, default)},
+                                     lambda n=n, a=attention: peers.TransformersSession(model_dir, n, max_seq_len, a)))
+    return out
 
 
-class GenaiSession(Session):
-    """onnxruntime-genai's Generator over its builder's int4 model (it cannot rewind: a new one per reset)."""
-    engine = "onnxruntime-genai"
+def run_candidates(cands: list[Candidate], args) -> list[dict]:
+    records = bench_interleaved([(c.label, c.open) for c in cands], n_prompt=args.n_prompt, n_gen=args.n_gen,
+                                repetitions=args.repetitions)
+    by_label = {c.label: c for c in cands}
+    for r in records:
+        c = by_label[r["label"]]
+        r.update(system=c.system, harness=c.harness, ours=c.ours)
+    return records
 
-    def __init__(self, path: Path, model_dir: Path, threads: int, max_seq_len: int):
-        from bench_onnx import Genai
 
-        from edge.config import HybridConfig
-        self.genai = Genai(path, threads, max_seq_len)
-        super().__init__(HybridConfig.load(model_dir), None, max_seq_len, threads, quant="int4", kv_cache="fp32",
-                         path=str(path))
+def default_pool_in_child(args, defaults: dict) -> dict:
+    """The ExecuTorch systems with the threadpool at its default size, in a child process (the pool cannot
+    change size under a loaded method), next to llama.cpp's C API at -t as an anchor across processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        cmd = [sys.executable, "-m", "benchmarks.compare", "--et-pool", "default", "--records-only", str(out),
+               "-t", str(args.threads), "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions),
+               "--harness", args.harness, "--skip-export", "--skip-depth"]
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += [f"--use={k}={v}" for k, v in ARTIFACTS.items()]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        return json.loads(out.read_text())
 
-    def _forward(self, ids):
-        self.genai.prefill(ids)
-        return np.zeros(0, np.float32)
 
-    def _reset(self):
-        self.genai.reset()
+def anchor_tg(records: list[dict], threads: int) -> float | None:
+    """The tg median of llama.cpp's C API at -t threads: the same system measured in both processes."""
+    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] == ANCHOR
+                 and r["harness"]["threads"] == str(threads)), None)
 
-    def kv_cache_bytes(self):
-        return self.config.kv_vectors(self.n_past) * self.config.head_dim * 4
+
+def best_per_system(records: list[dict]) -> dict:
+    """For each system and test, the harness setting with the highest median t/s, and every setting tried."""
+    out = {}
+    for r in records:
+        test = "pp" if r["n_prompt"] else "tg"
+        entry = out.setdefault(r["system"], {"ours": r["ours"], "settings": {}, "best": {}})
+        entry["settings"].setdefault(harness_text(r["harness"]), {})[test] = r["median_ts"]
+        best = entry["best"].get(test)
+        if best is None or r["median_ts"] > best["median_ts"]:
+            entry["best"][test] = {"harness": r["harness"], "median_ts": r["median_ts"], "label": r["label"]}
+    return out
+
+
+def print_harness(search: dict) -> None:
+    print("\nharness search: median t/s of every setting; * = the best of its system for that test")
+    width = max(len(s) for s in search)
+    for system, entry in search.items():
+        for setting, medians in entry["settings"].items():
+            cells = []
+            for test in ("pp", "tg"):
+                if test in medians:
+                    star = "*" if harness_text(entry["best"][test]["harness"]) == setting else " "
+                    cells.append(f"{test} {medians[test]:8.2f}{star}")
+            print(f"  {system:<{width}}  {'  '.join(cells)}   [{setting}]")
+            system = ""
 
 
 # ---- the roofline -------------------------------------------------------------------------------
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
-    """Best-of-`repeats` bytes/s of summing a `gib` GiB float32 array, on 1 and on 2 threads."""
-    data = np.ones(int(gib * 2**30) // 4, np.float32)
-    data.sum()  # fault the pages in
-
-    def best(n_threads):
-        parts = np.array_split(data, n_threads)
-        times = []
-        for _ in range(repeats):
-            threads = [threading.Thread(target=p.sum) for p in parts]  # numpy releases the GIL in reductions
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            times.append(time.perf_counter() - t0)
-        return data.nbytes / min(times)
-
-    return {"1_thread_gbs": best(1) / 1e9, "2_threads_gbs": best(2) / 1e9}
-
-
-def roofline(records: list[dict], bandwidth_gbs: float) -> list[dict]:
+def roofline(search: dict, records: list[dict], bandwidth_gbs: float) -> list[dict]:
+    """Each system's best decode against its ceiling: bandwidth / (artifact bytes + KV bytes) per token."""
+    by_label = {r["label"]: r for r in records if r["n_gen"]}
     rows = []
-    for r in records:
-        if r["n_gen"] == 0:
+    for system, entry in search.items():
+        if "tg" not in entry["best"]:
             continue
+        r = by_label[entry["best"]["tg"]["label"]]
         bytes_per_token = r["model_size"] + r["kv_cache_bytes"]
         ceiling = bandwidth_gbs * 1e9 / bytes_per_token
-        rows.append({"model_filename": Path(r["model_filename"]).name, "engine": r["engine"],
+        rows.append({"system": system, "harness": r["harness"], "model_filename": Path(r["model_filename"]).name,
                      "bytes_per_token": bytes_per_token, "ceiling_ts": ceiling, "median_ts": r["median_ts"],
                      "fraction_of_ceiling": r["median_ts"] / ceiling})
     return rows
 
 
-# ---- main --------------------------------------------------------------------------------------
-def plot(records: list[dict], path: Path) -> None:
+# ---- reporting ----------------------------------------------------------------------------------
+def plot(search: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label_of(r) for r in records if r["n_prompt"]]
-    pp = [r["median_ts"] for r in records if r["n_prompt"]]
-    tg = [r["median_ts"] for r in records if r["n_gen"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(labels) + 1.5))
-    for ax, values, title in ((axes[0], pp, "prefill (pp) t/s"), (axes[1], tg, "decode (tg) t/s")):
-        ax.barh(labels, values, color="tab:blue")
+    systems = [s for s, e in search.items() if "pp" in e["best"] and "tg" in e["best"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * len(systems) + 1.5))
+    for ax, test, name in ((axes[0], "pp", "prefill (pp) t/s"), (axes[1], "tg", "decode (tg) t/s")):
+        values = [search[s]["best"][test]["median_ts"] for s in systems]
+        ax.barh(systems, values, color=["tab:blue" if search[s]["ours"] else "tab:gray" for s in systems])
         ax.invert_yaxis()
-        ax.set_title(title + " — median")
-        for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.0f}", va="center")
+        ax.set_title(name + " — median, each system at its best harness")
+        for y, (s, v) in enumerate(zip(systems, values)):
+            ax.text(v, y, f" {v:.0f} [{harness_text(search[s]['best'][test]['harness'])}]", va="center",
+                    fontsize=7)
     axes[1].set_yticklabels([])
-    fig.suptitle(f"lfm2-350m (random weights), {records[0]['n_threads']} threads, {records[0]['cpu']}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-OUR_ENGINES = {"llamacpp", "executorch", "onnxruntime"}  # runtime.load's engines; everything else is a peer
+def summarize(search: dict) -> dict:
+    """Best of ours against the best peer, each system at its best harness; and ours against transformers."""
+    summary = {}
+    for test in ("pp", "tg"):
+        best = {s: e["best"][test] for s, e in search.items() if test in e["best"]}
+        ours = {s: b for s, b in best.items() if search[s]["ours"]}
+        others = {s: b for s, b in best.items() if not search[s]["ours"]}
+        if not ours:
+            continue
+        top = max(ours, key=lambda s: ours[s]["median_ts"])
+        peer = max(others, key=lambda s: others[s]["median_ts"]) if others else None
+        hf = next((b["median_ts"] for s, b in others.items() if "transformers" in s), None)
+        summary[test] = {
+            "best_ours": {"system": top, **ours[top]},
+            "best_peer": {"system": peer, **others[peer]} if peer else None,
+            "best_ours_over_best_peer": ours[top]["median_ts"] / others[peer]["median_ts"] if peer else None,
+            "each_ours_over_transformers": {s: b["median_ts"] / hf for s, b in ours.items()} if hf else None}
+        line = f"{test}: best of ours {top} {ours[top]['median_ts']:.2f} t/s [{harness_text(ours[top]['harness'])}]"
+        if peer:
+            line += (f"; best peer {peer} {others[peer]['median_ts']:.2f} t/s [{harness_text(others[peer]['harness'])}]"
+                     f"; ratio {summary[test]['best_ours_over_best_peer']:.3f}")
+        print(line)
+    return summary
 
 
-def label_of(r: dict) -> str:
-    who = "ours: " if r["engine"] in OUR_ENGINES else ""
-    return f"{who}{r['engine']} {r['quant']} kv {r['kv_cache']}"
+def print_best(search: dict) -> None:
+    print("\neach system at its best harness (median t/s; the setting that won)")
+    width = max(len(s) for s in search)
+    for system, entry in search.items():
+        cells = [f"{t} {b['median_ts']:8.2f} [{harness_text(b['harness'])}]" for t, b in entry["best"].items()]
+        print(f"  {system:<{width}}  " + "   ".join(cells))
 
 
+# ---- main --------------------------------------------------------------------------------------
 def main():
+    global WORK, RESULTS, STOCK_PTE, GENAI
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_protocol_options(p)
+    p.add_argument("--harness", choices=("search", "fixed"), default="search",
+                   help="search: every plausible harness setting per system, reporting the best (default); "
+                        "fixed: -t threads, torch's pool held around execute, token-by-token feeding only")
     p.add_argument("--depth", type=int, default=4096, help="context of the quantized-KV decode test")
     p.add_argument("--depth-gen", type=int, default=32, help="decoded tokens at that depth")
     p.add_argument("--depth-reps", type=int, default=2)
     p.add_argument("--skip-depth", action="store_true", help="no depth test; the JSON keeps the last one measured")
-    p.add_argument("--no-peers", action="store_true", help="only ours and llama.cpp's C API")
+    p.add_argument("--no-peers", action="store_true", help="ours only")
     p.add_argument("--export-only", action="store_true", help="build the checkpoint and artifacts, measure nothing")
     p.add_argument("--tiny", action="store_true", help="smoke-test this script on the tiny preset (minutes)")
     p.add_argument("--use", action="append", default=[], metavar="NAME=PATH",
                    help=f"take artifact NAME ({', '.join(EXPORTS)}) from PATH instead of exporting it")
     p.add_argument("--skip-export", action="store_true", help="measure only the artifacts that exist")
     p.add_argument("--depth-only", action="store_true", help="only the depth test, written to compare_depth.json")
+    p.add_argument("--out", default="compare", help="results name: benchmarks/results/NAME.json and NAME.png")
+    p.add_argument("--et-pool", choices=("threads", "default"), default="threads", help=argparse.SUPPRESS)
+    p.add_argument("--records-only", type=Path, help=argparse.SUPPRESS)  # the child of default_pool_in_child
     args = p.parse_args()
     for item in args.use:
         name, _, path = item.partition("=")
@@ -275,20 +338,30 @@ def main():
             p.error(f"--use {item}: NAME must be one of {', '.join(EXPORTS)} and PATH must exist")
         ARTIFACTS[name] = Path(path)
 
-    global WORK, RESULTS
-    if args.tiny:  # a separate work dir and result name, peers built for the 350M model left out
+    defaults = process_defaults()  # before any ExecuTorch method sizes the pool
+    if args.tiny:  # its own work dir and results; the peers' artifacts built for the tiny model too
         WORK, RESULTS = WORK.with_name("compare-tiny"), RESULTS / "tiny"
-        model_dir = WORK / "tiny"
-        if not (model_dir / "tokenizer.json").exists():
-            run_child([*EDGE, "init", str(model_dir), "--preset", "tiny"])
+        STOCK_PTE, GENAI = WORK / "et-tiny-8da4w.pte", WORK / "genai-int4"
+        model_dir = tiny_checkpoint(WORK / "tiny")
     else:
         model_dir = checkpoint()
     # one export serves every run: room for the default depth test unless a deeper one is asked for
     max_seq_len = max(args.depth + max(args.n_prompt, args.n_gen) + 64, 4608)
-    exports = {} if args.skip_export else export_all(model_dir, max_seq_len)
+    exports = {}
+    if not args.skip_export:
+        exports = export_all(model_dir, max_seq_len)
+        if not args.no_peers:
+            exports |= export_peers(model_dir)
     if args.export_only:
         return
-    result = {"command": " ".join(sys.argv), "machine": cpu_info(), "exports": exports}
+    if args.records_only:  # the default-pool child: ExecuTorch systems and the anchor, records to a file
+        args.no_peers = False
+        cands = [c for c in candidates(model_dir, args, max_seq_len, defaults, "default")
+                 if "executorch" in c.system or (c.system == ANCHOR and c.harness["threads"] == str(args.threads))]
+        write_json(args.records_only, run_candidates(cands, args))
+        return
+    result = {"command": " ".join(sys.argv), "machine": cpu_info(), "load_average_1_5_15": os.getloadavg(),
+              "harness": args.harness, "process_defaults": defaults, "exports": exports}
 
     if args.depth_only:
         result["depth"] = depth_test(args, max_seq_len)
@@ -300,59 +373,46 @@ def main():
     print("measuring memory read bandwidth ...", flush=True)
     bw = read_bandwidth()
     result["bandwidth"] = bw
-    bandwidth = max(bw.values())
 
-    ours = [(name, (lambda n=name: load(artifact(n), n_threads=args.threads)))
-            for name in ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx") if artifact(name).exists()]
     result["artifacts"] = {name: str(artifact(name)) for name in EXPORTS if artifact(name).exists()}
-    peers = peer_openers(model_dir, args.threads, max_seq_len, not (args.no_peers or args.tiny))
-    if args.tiny:
-        peers.append(("transformers eager fp32", lambda: TransformersSession(model_dir, args.threads, max_seq_len)))
-    records = bench_interleaved(ours + peers,
-                                n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
+    result["peer_artifacts"] = {"export_llama": str(STOCK_PTE), "genai": str(GENAI)}
+    records = run_candidates(candidates(model_dir, args, max_seq_len, defaults, "threads"), args)
+    if args.harness == "search" and defaults["executorch_pool"] != args.threads:
+        print(f"ExecuTorch's threadpool at its default size ({defaults['executorch_pool']}), in a child process ...",
+              flush=True)
+        child = default_pool_in_child(args, defaults)
+        result["default_pool_process"] = {
+            "note": "ExecuTorch's pool cannot be resized under a loaded method, so its default size ran in a "
+                    "second process; the llama.cpp C API anchor's tg median in each shows the drift between them",
+            "anchor_tg_median_ts": {"this process": anchor_tg(records, args.threads),
+                                    "default-pool process": anchor_tg(child, args.threads)}}
+        records += [r for r in child if "executorch" in r["system"]]
     print(format_table(records))
     result["records"] = records
-    result["roofline"] = roofline(records, bandwidth)
+    search = best_per_system(records)
+    result["harness_search"] = search
+    print_harness(search)
+    print_best(search)
+    result["roofline"] = roofline(search, records, max(bw.values()))
     print(f"\nroofline: read bandwidth {bw['1_thread_gbs']:.1f} GB/s (1 thread), {bw['2_threads_gbs']:.1f} GB/s "
           f"(2 threads); decode ceiling = bandwidth / (artifact bytes + KV bytes)")
     for row in result["roofline"]:
-        print(f"  {row['model_filename']:<28} {row['engine']:<26} {row['bytes_per_token'] / 2**20:8.1f} MiB/token "
-              f"ceiling {row['ceiling_ts']:7.1f} t/s  achieved {row['median_ts']:7.1f} t/s "
-              f"({100 * row['fraction_of_ceiling']:.0f}%)")
-    summarize(records, result)
+        print(f"  {row['system']:<40} {row['bytes_per_token'] / 2**20:8.1f} MiB/token ceiling {row['ceiling_ts']:7.1f}"
+              f" t/s  achieved {row['median_ts']:7.1f} t/s ({100 * row['fraction_of_ceiling']:.0f}%)")
+    result["summary"] = summarize(search)
 
+    out = RESULTS / f"{args.out}.json"
     if not args.skip_depth:
         result["depth"] = depth_test(args, max_seq_len)
-    elif (RESULTS / "compare.json").exists():  # keep the last measured depth test, marked as such
-        previous = json.loads((RESULTS / "compare.json").read_text())
+    elif out.exists():  # keep the last measured depth test, marked as such
+        previous = json.loads(out.read_text())
         if "depth" in previous:
             result["depth"] = previous["depth"] | {"from_run": previous.get("command", "an earlier run")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "compare.json", result)
-    plot(records, RESULTS / "compare.png")
-    print(f"wrote {RESULTS / 'compare.json'} and {RESULTS / 'compare.png'}")
-
-
-def summarize(records: list[dict], result: dict) -> None:
-    """Ratios of medians against the best peer and against transformers eager."""
-    med = {(r["model_filename"], r["engine"], r["quant"], r["kv_cache"], "pp" if r["n_prompt"] else "tg"):
-           r["median_ts"] for r in records}
-    ours_engines = OUR_ENGINES
-    summary = {}
-    for test in ("pp", "tg"):
-        ours = {k: v for k, v in med.items() if k[-1] == test and k[1] in ours_engines}
-        peers = {k: v for k, v in med.items() if k[-1] == test and k[1] not in ours_engines}
-        best_ours = max(ours.items(), key=lambda kv: kv[1])
-        best_peer = max(peers.items(), key=lambda kv: kv[1]) if peers else None
-        hf = next((v for k, v in peers.items() if k[1] == "transformers eager"), None)
-        summary[test] = {"best_ours": [Path(best_ours[0][0]).name, best_ours[1]],
-                         "best_peer": [best_peer[0][1], best_peer[1]] if best_peer else None,
-                         "best_ours_over_best_peer": best_ours[1] / best_peer[1] if best_peer else None,
-                         "each_ours_over_transformers": {Path(k[0]).name: v / hf for k, v in ours.items()}
-                         if hf else None}
-        print(f"{test}: best of ours {summary[test]['best_ours']}, best peer {summary[test]['best_peer']}, "
-              f"ratio {summary[test]['best_ours_over_best_peer']}")
-    result["summary"] = summary
+    write_json(out, result)
+    plot(search, out.with_suffix(".png"), f"{'tiny' if args.tiny else 'lfm2-350m'} (random weights), "
+         f"{args.threads} threads, {records[0]['cpu']}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def depth_test(args, max_seq_len: int) -> dict:

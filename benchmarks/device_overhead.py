@@ -3,8 +3,9 @@
 One candidate of the tiny space (the first LFM2 layout) is exported once, then timed with the search's
 settings (prefill 64, decode at 64) through both transports, alternating: the local child process, and
 an agent on loopback (first call: hash + upload + header check; later calls: cache hits). Prints the
-wall time of each `measure_candidate` call and the medians. Usage:
-    PYTHONPATH=. python benchmarks/device_overhead.py [ROUNDS]
+wall time of each `measure_candidate` call and the medians: the cost of the transport around a
+measurement, which runtime.bench (timing the engine inside each call) does not see. Usage:
+    python -m benchmarks.device_overhead [ROUNDS]
 """
 from __future__ import annotations
 

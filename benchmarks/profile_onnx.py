@@ -1,12 +1,13 @@
 """Per-op time of an ONNX decoder in ONNX Runtime: where a decode (or prefill) step goes.
 
-    python benchmarks/profile_onnx.py MODEL.onnx [MODEL2.onnx ...] [-t 2] [--steps 48] [--prompt 0]
+    python -m benchmarks.profile_onnx MODEL.onnx [MODEL2.onnx ...] [-t 2] [--steps 48] [--prompt 0]
 
 Drives each model with a plain InferenceSession loop from its I/O names (ours: past_key_values.* /
 past_conv.*; onnxruntime-genai's builder: past_key_values.* / past.{i}.conv + attention_mask), with
 ORT's profiler on, and prints kernel time per op type over the timed runs: `--prompt 0` times
 `--steps` single-token decode steps (after 8 untimed ones), `--prompt N` times prefills of N tokens.
-Used to find what separates our graph from the builder's (README, ONNX section).
+Times come from ORT's profiler only (kernels and each whole `model_run`); wall-clock throughput is
+runtime.bench's job (benchmarks.bench_onnx). Used to find what separates our graph from the builder's.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import collections
 import json
 import os
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +67,6 @@ def profile(path: str, threads: int, steps: int, prompt: int):
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(0)
     vocab = 65536
-    run_ns = []
     for rep in range(WARMUP + steps if prompt == 0 else 3 + steps):
         if prompt:
             state, n_past, ids = empty_inputs(session, head_dim), 0, rng.integers(0, vocab, prompt).tolist()
@@ -75,9 +74,7 @@ def profile(path: str, threads: int, steps: int, prompt: int):
             state, n_past = empty_inputs(session, head_dim), 0
         if not prompt:
             ids = [int(rng.integers(0, vocab))]
-        t0 = time.perf_counter_ns()
         state = run_steps(session, state, ids, names, n_past)
-        run_ns.append(time.perf_counter_ns() - t0)
         n_past += len(ids)
     trace = json.load(open(session.end_profiling()))
     runs = [e for e in trace if e.get("name") == "model_run"]
@@ -89,8 +86,8 @@ def profile(path: str, threads: int, steps: int, prompt: int):
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             per_op[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
-    timed = run_ns[skip:]
-    return per_op, count, np.median(timed) / 1e6, sum(e["dur"] for e in runs[skip:]) / len(timed) / 1e3
+    run_us = [e["dur"] for e in runs[skip:]]
+    return per_op, count, np.median(run_us) / 1e3, sum(run_us) / len(run_us) / 1e3
 
 
 def main():
@@ -104,7 +101,7 @@ def main():
         per_op, count, median_ms, run_ms = profile(path, args.threads, args.steps, args.prompt)
         n = args.steps
         total = sum(per_op.values()) / n / 1e3
-        print(f"\n{path}: median step {median_ms:.2f} ms (ORT run {run_ms:.2f} ms, kernels {total:.2f} ms), "
+        print(f"\n{path}: ORT run median {median_ms:.2f} ms, mean {run_ms:.2f} ms, kernels {total:.2f} ms, "
               f"{sum(count.values()) // n} kernels/step")
         for op, us in per_op.most_common():
             print(f"  {op:<36} {us / n / 1e3:8.3f} ms  {count[op] // n:4d}x")

@@ -34,7 +34,7 @@ from torch import nn
 
 from edge.checkpoint import load_model
 from edge.errors import EdgeError
-from edge.model import RMSNorm, causal_mask, grouped_attention
+from edge.model import RMSNorm
 from edge.files import atomic_path
 from edge.chat import read_chat_template
 from edge.tokenizer import tokenizer_json
@@ -57,7 +57,7 @@ class BufferCache(nn.Module):
         super().__init__()
         self.config, self.max_seq_len, self.kv_cache = config, max_seq_len, kv_cache
         # "custom": llama::custom_sdpa (fp32) / our edge::int8_sdpa (int8); "llama": llama::custom_quantized_sdpa
-        # (int8; the CLI's --kv-cache int8-stock); "plain": ATen ops, kept for the A/B benchmark only.
+        # (int8; the CLI's --kv-cache int8-stock).
         self.attention = attention
         kv_shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
         for i in config.attention_layers:
@@ -77,8 +77,6 @@ class BufferCache(nn.Module):
         # the llama kernels take [B, T, heads, head_dim]; GQA is native in them (no repeat of K/V)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k_cache, v_cache = getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
-        if self.attention == "plain":
-            return self._attend_plain(layer, q, k, v, start_pos, k_cache, v_cache)
         if self.kv_cache == "fp32":
             torch.ops.llama.update_cache(k, k_cache, start_pos)
             torch.ops.llama.update_cache(v, v_cache, start_pos)
@@ -101,25 +99,6 @@ class BufferCache(nn.Module):
                 torch.ops.edge.int8_update_cache(v, v_cache, v_scales, start_pos)
                 y = torch.ops.edge.int8_sdpa(q, k_cache, v_cache, k_scales, v_scales, start_pos)
         return y.transpose(1, 2)
-
-    def _attend_plain(self, layer, q, k, v, start_pos, k_cache, v_cache):
-        """Slice-copy into the cache, dequantize the used prefix, masked SDPA: no custom kernels."""
-        end = start_pos + q.shape[1]
-        if self.kv_cache == "fp32":
-            k_cache[:, start_pos:end].copy_(k)
-            v_cache[:, start_pos:end].copy_(v)
-            keys, values = k_cache[:, :end], v_cache[:, :end]
-        else:
-            k_scales, v_scales = getattr(self, f"k_scales_{layer}"), getattr(self, f"v_scales_{layer}")
-            (kq, ks), (vq, vs) = quantize_symmetric(k), quantize_symmetric(v)
-            k_cache[:, start_pos:end].copy_(kq)
-            k_scales[:, start_pos:end].copy_(ks)
-            v_cache[:, start_pos:end].copy_(vq)
-            v_scales[:, start_pos:end].copy_(vs)
-            keys = k_cache[:, :end].to(torch.float32) * k_scales[:, :end]
-            values = v_cache[:, :end].to(torch.float32) * v_scales[:, :end]
-        mask = causal_mask(q.shape[1], end, start_pos)
-        return grouped_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
 
     def conv_window(self, layer, bx):
         state = getattr(self, f"conv_{layer}")

@@ -16,6 +16,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,28 @@ def cpu_info() -> dict:
 def cpu_label() -> str:
     info = cpu_info()
     return f"{info['model']} ({info['cores']} cores)"
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Memory read bandwidth for a decode roofline: best-of-`repeats` GB/s of summing a `gib` GiB float32
+    array, on 1 and on 2 threads (numpy releases the GIL in reductions)."""
+    data = np.ones(int(gib * 2**30) // 4, np.float32)
+    data.sum()  # fault the pages in
+
+    def best(n_threads):
+        parts = np.array_split(data, n_threads)
+        times = []
+        for _ in range(repeats):
+            threads = [threading.Thread(target=p.sum) for p in parts]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            times.append(time.perf_counter() - t0)
+        return data.nbytes / min(times)
+
+    return {"1_thread_gbs": best(1) / 1e9, "2_threads_gbs": best(2) / 1e9}
 
 
 # ---- one session --------------------------------------------------------------------------------
@@ -276,8 +299,8 @@ def bench_interleaved(openers: Sequence[tuple[str, Callable[[], object]]], *, n_
         for bench in benches:
             bench.session.reset()
     records = []
-    for bench, load_ms, model_rss in zip(benches, loads, rss):
-        records += bench.records(load_ms=load_ms, model_rss_mb=model_rss)
+    for (label, _), bench, load_ms, model_rss in zip(openers, benches, loads, rss):
+        records += [dict(r, label=label) for r in bench.records(load_ms=load_ms, model_rss_mb=model_rss)]
         bench.session.close()
     return records
 

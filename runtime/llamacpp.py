@@ -219,10 +219,6 @@ class LlamaCppSession(Session):
         block, block_bytes = gguf.GGML_QUANT_SIZES[self.kv_type]
         return self.config.kv_vectors(self.n_past) * self.config.head_dim * block_bytes // block
 
-    def synchronize(self):
-        """Wait for llama.cpp's queued work (and let it update its perf counters)."""
-        llama_cpp.llama_synchronize(self.ctx)
-
     def close(self):
         if getattr(self, "batch", None) is not None:
             llama_cpp.llama_batch_free(self.batch)

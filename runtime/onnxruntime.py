@@ -12,7 +12,6 @@ take the `present.*` OrtValues ORT allocates as the next step's `past_*` inputs.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,6 @@ class OnnxSession(Session):
                             f"(inputs {list(self.inputs)[:3]}...); re-export it")
         self.kv_names = [n for n in self.state_names if n.startswith("past_key_values.")]
         self.shared_kv = ATTENTION_MASK in self.inputs
-        self.engine_ns = 0  # time spent inside ORT's run, so benchmarks can show the Python loop's own share
         if self.shared_kv:
             self.mask = np.ones((1, self.max_seq_len), np.int64)
             self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
@@ -195,9 +193,7 @@ class OnnxSession(Session):
 
     def _run(self, io):
         try:
-            t0 = time.perf_counter_ns()
             self.session.run_with_iobinding(io)
-            self.engine_ns += time.perf_counter_ns() - t0
         except Exception as e:
             raise EdgeError(f"ONNX Runtime failed on {self.path}: {first_line(e)}") from None
 

@@ -81,6 +81,7 @@ def test_cli_two_artifacts_interleaved(tiny_dir, tmp_path, capsys):
     for r in records:
         check_record(r, reps=3)
         assert r["load_ms"] > 0 and r["n_threads"] == 1
+    assert [r["label"] for r in records] == ["a", "a", "b", "b"]  # the opener's label, for scripts to match on
     # A B A B: repetition i of b starts after repetition i of a and before repetition i+1 of a
     a_pp, _, b_pp, _ = (r["samples_start_ns"] for r in records)
     for i in range(3):
@@ -135,3 +136,52 @@ def test_cli_two_ggufs(tiny_dir, tmp_path, capsys):
     for r in records:
         check_record(r, reps=2)
     assert records[0]["model_size"] < records[2]["model_size"]
+
+
+# ---- benchmarks/: one harness, peers as Sessions ------------------------------------------------------
+def test_benchmark_scripts_import_as_modules_without_path_edits():
+    import importlib
+    import sys
+
+    before = list(sys.path)
+    for name in ("common", "peers", "compare", "bench_gguf", "bench_onnx", "bench_executorch",
+                 "bench_executorch_attention", "bench_llama_build", "bench_search", "profile_onnx"):
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert f"python -m benchmarks.{name}" in (module.__doc__ or "") or name in ("common", "peers"), name
+    assert sys.path == before, "a benchmark module edited sys.path"
+
+
+def test_each_system_is_reported_at_its_best_harness():
+    from benchmarks.compare import best_per_system
+
+    def rec(system, harness, test, ts):
+        return dict(system=system, harness=harness, ours=system.startswith("ours"), label=f"{system} {harness}",
+                    n_prompt=16 if test == "pp" else 0, n_gen=0 if test == "pp" else 8, median_ts=ts)
+
+    records = [rec("peer: x", {"hold": "on"}, "pp", 100.0), rec("peer: x", {"hold": "on"}, "tg", 20.0),
+               rec("peer: x", {"hold": "off"}, "pp", 90.0), rec("peer: x", {"hold": "off"}, "tg", 40.0),
+               rec("ours: y", {"threads": "2"}, "tg", 30.0)]
+    search = best_per_system(records)
+    assert search["peer: x"]["best"]["pp"]["harness"] == {"hold": "on"}
+    assert search["peer: x"]["best"]["tg"] == {"harness": {"hold": "off"}, "median_ts": 40.0,
+                                                "label": "peer: x {'hold': 'off'}"}
+    assert search["peer: x"]["settings"] == {"hold on": {"pp": 100.0, "tg": 20.0}, "hold off": {"pp": 90.0, "tg": 40.0}}
+    assert search["ours: y"]["ours"] and not search["peer: x"]["ours"]
+
+
+@pytest.mark.engine("llamacpp")
+def test_llama_c_api_peer_times_like_ours(tiny_artifact):
+    """The C API peer joins runtime.bench's rotation as a Session: same records, same KV bytes as ours."""
+    from benchmarks.peers import RawLlamaSession
+    from runtime.bench import bench_interleaved
+
+    path = tiny_artifact("gguf")
+    records = bench_interleaved([("ours", lambda: runtime.load(path, n_threads=1, max_seq_len=64, kv_cache="f16")),
+                                 ("raw", lambda: RawLlamaSession(path, 1, 64))],
+                                n_prompt=16, n_gen=4, repetitions=2, progress=False)
+    assert [(r["label"], r["test"]) for r in records] == [("ours", "pp16"), ("ours", "tg4"), ("raw", "pp16"),
+                                                          ("raw", "tg4")]
+    for r in records:
+        check_record(r, reps=2)
+    assert records[2]["engine"] == "llama.cpp (C API)" and records[2]["n_threads"] == 1
+    assert records[0]["kv_cache_bytes"] == records[2]["kv_cache_bytes"]
