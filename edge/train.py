@@ -55,6 +55,8 @@ def lm_batches(ids: np.ndarray, steps: int, batch: int, seq_len: int, seed: int 
 
 def train_on_text(model: HybridLM, tokenizer, text: str, steps: int, seed: int = 0, batch: int = 16,
                   seq_len: int = 64, lr: float = 3e-3, threads: int | None = None) -> float:
+    """`train` on random windows of `text` (tokenized by `tokenizer`, a tokenizers.Tokenizer): what the
+    trained test checkpoints use (tests/conftest.py). Returns the last loss."""
     ids = np.array(tokenizer.encode(text).ids, dtype=np.int64)
     inputs, labels = lm_batches(ids, steps, batch, seq_len, seed)
     return train(model, inputs, labels, steps, batch, lr, seed, threads)
