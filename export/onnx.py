@@ -54,10 +54,12 @@ from edge.tokenizer import tokenizer_json
 from export.genai import SINGLE_FILE_LIMIT, write_model_folder
 from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, present_name, state_names
 
-# int4 block sizes by preference: 128 is ORT's quantizer default and has MLAS's fastest int8 kernel on x86
-# (lfm2-350m: prefill and decode 1.4x block 32's; README); a smaller one where 128 does not divide the
-# hidden size, so the embedding can still read the lm_head's blocks (share_quantized_embedding)
-GROUP_SIZES = (128, 64, 32)
+# int4 block size by default: 16, the coarsest that meets docs/design.md §5's 4-bit bound on a random
+# transformers-made checkpoint, whose lm_head (and the embedding sharing its blocks) is 4-bit too
+# (benchmarks/bench_fidelity.py, mean/min cos: 16 0.983/0.976, 32 0.980/0.972, 128 0.965/0.948).
+# --group-size 128 is ORT's quantizer default and MLAS's fastest int8 kernel on x86 (lfm2-350m: prefill
+# and decode 1.4x block 32's; benchmarks/RESULTS.md), an option at that fidelity.
+GROUP_SIZES = (16,)
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
