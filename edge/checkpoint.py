@@ -204,6 +204,22 @@ def load_model(model_dir: str | Path, dtype=torch.float32) -> HybridLM:
     return model.to(dtype).eval()
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc's malloc_trim), after a model is dropped.
+
+    Weights up to 32 MB are allocated from malloc's heap once glibc has raised its mmap threshold (it does
+    after the first big free), and a heap returns little of it by itself: after an exporter drops the fp32
+    model, its RSS would stay at the model's size through quantization and writing (issue 15)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def save_model(model: HybridLM, model_dir: str | Path) -> None:
     """Write config.json + model.safetensors that transformers' Lfm2ForCausalLM loads."""
     model_dir = Path(model_dir)

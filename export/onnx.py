@@ -152,6 +152,8 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         # the graph's weights are placeholders (lift_weights): from here on they are read from the checkpoint
         # one at a time, so the fp32 model is not kept next to the quantized graph (issue 15: peak memory)
         del model
+        from edge.checkpoint import return_freed_memory
+        return_freed_memory()
         bind_weights(graph, model_dir)
         if scales is not None:
             graph = quantize_kv_cache(graph, config, scales)
