@@ -124,7 +124,9 @@ def main() -> None:
         model_dir, fmt, out, quant, kv_cache = args.child
         return child(model_dir, fmt, out, quant, kv_cache or None)
     args.work.mkdir(parents=True, exist_ok=True)
-    records = json.loads(args.json.read_text()) if args.json.exists() else []
+    saved = json.loads(args.json.read_text()) if args.json.exists() else {}
+    saved = saved if isinstance(saved, dict) else {"records": saved}  # notes beside the records are kept
+    records = saved.get("records", [])
     for model_dir in args.models:
         ensure_checkpoint(model_dir)
         for fmt, quant, kv_cache, suffix in CASES:
@@ -136,7 +138,7 @@ def main() -> None:
             key = lambda x: (x["model"], x["format"], x["quant"], x["kv_cache"], x.get("label", ""))  # noqa: E731
             records = [x for x in records if key(x) != key(r)] + [r]
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(records, indent=1) + "\n")
+            args.json.write_text(json.dumps({**saved, "records": records}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
