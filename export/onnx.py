@@ -149,7 +149,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         scales = calibrate_kv_scales(model, tokenizer_text) if kv_cache == "int8" and config.attention_layers else None
         # the int8 graph is the fp32 one whose GroupQueryAttention nodes then store int8 (quantize_kv_cache)
         graph = trace(model, "fp32" if kv_cache == "int8" else kv_cache, max_seq_len)
-        # the graph's weights are placeholders (lift_weights): from here on they are read from the checkpoint
+        # the graph's weights are placeholders (optimize_with_lazy_weights): from here on they are read from the checkpoint
         # one at a time, so the fp32 model is not kept next to the quantized graph (issue 15: peak memory)
         del model
         from edge.checkpoint import return_freed_memory
@@ -199,7 +199,7 @@ def trace(model, kv_cache: str, max_seq_len: int):
     config = model.config
     tied = config.tie_word_embeddings
     if tied:  # a separate lm_head initializer, so the weight quantizers see a constant MatMul; its values are
-        # never read (the graph's weights are placeholders, lift_weights), so no copy of the table is made
+        # never read (the graph's weights are placeholders, optimize_with_lazy_weights), so no copy of the table is made
         model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))
     try:
         return _trace(model, kv_cache, max_seq_len)
@@ -396,7 +396,7 @@ def pack_parallel_matmuls(graph):
             continue
         packed = f"packed.{group[0].name or group[0].output[0]}"
         tensors = [inits[n.input[1]] for n in group]
-        if all(map(is_lazy, tensors)):  # placeholders (lift_weights): concatenated when read
+        if all(map(is_lazy, tensors)):  # placeholders (optimize_with_lazy_weights): concatenated when read
             pieces = [piece for t in tensors for piece in lazy_pieces(t)]
             widths = [t.dims[1] for t in tensors]
             weight = lazy_placeholder(packed, [tensors[0].dims[0], sum(widths)], pieces)
@@ -548,7 +548,7 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
 
     The graph ORT's quantize_dynamic / MatMulNBitsQuantizer would write, node for node and with their
     arithmetic (`quantize_matmul_int8`, `quantize_matmul_nbits`), but one weight at a time, each read
-    when its turn comes (placeholders, lift_weights): those tools hold the whole fp32 model, and
+    when its turn comes (placeholders, optimize_with_lazy_weights): those tools hold the whole fp32 model, and
     quantize_dynamic a second copy of it, which made a 350M int8 export peak at 10 GB (issue 15)."""
     if quant == "fp32":
         return materialize_weights(graph)
@@ -684,7 +684,7 @@ def share_quantized_embedding(graph):
 # dtype, and where its values come from: checkpoint tensors, maybe transposed, maybe several side by
 # side), read when the quantizer reaches it or when the graph is written. The exporter and ORT's
 # quantizers would otherwise hold the fp32 model several times over (issue 15). A placeholder is an
-# external-data tensor whose location names no file (LAZY_LOCATION + JSON): if one ever reached a
+# external-data tensor whose location names no file (lazy_location() + JSON): if one ever reached a
 # saved model, ONNX Runtime would refuse it rather than run with wrong weights.
 def lazy_location() -> str:
     return "edge-lazy-weight:"
