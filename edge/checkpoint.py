@@ -103,12 +103,25 @@ def check_checkpoint(model_dir: str | Path, read_data: bool = True) -> HybridCon
                             f"({', '.join(FLOAT_DTYPES)}); re-save the weights in float")
     check_tokenizer_fits(model_dir, config)
     if read_data:
-        for name, (path, f) in where.items():
-            check_finite(name, f.get_tensor(name), path)
+        by_shard = {}
+        for name, (path, _) in where.items():
+            by_shard.setdefault(path, []).append(name)
+        where.clear()  # the memory maps (see read_tensors); one tensor at a time in memory from here
+        f = None
+        for path, names in by_shard.items():
+            try:
+                for name, tensor in read_tensors(path, names):
+                    check_finite(name, tensor, path)
+            except (OSError, ValueError, KeyError) as e:
+                raise EdgeError(f"cannot read {path}: {first_line(e)}; the file is corrupt or truncated") from None
     return config
 
 
 def check_finite(name: str, tensor: torch.Tensor, where) -> None:
+    # a sum is finite only if every value is (NaN and Inf propagate): one pass without the bool copy
+    # isfinite makes, several times faster on big checkpoints; an overflowing sum takes the exact path
+    if tensor.is_floating_point() and torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise EdgeError(f"{where}: tensor {name} has {bad} NaN/Inf values; the weights are corrupt (or a training "
@@ -132,11 +145,45 @@ def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
     state = {}
     for path, f in _open_shards(model_dir):
+        names = list(f.keys())
+        del f  # its memory map: every page of it read would count in the RSS next to the copies
         try:
-            state.update({name: f.get_tensor(name) for name in f.keys()})
-        except (SafetensorError, OSError) as e:
+            state.update(read_tensors(path, names))
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise EdgeError(f"cannot read {path}: {first_line(e)}; the file is corrupt or truncated") from None
     return state
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(path: Path, names=None):
+    """Yield (name, tensor) from one safetensors file with plain reads into each tensor's own memory.
+
+    safetensors' safe_open memory-maps the file, and every page a read touches stays in the process's
+    RSS until the map is closed: reading a whole checkpoint through it costs the checkpoint twice (the
+    copies plus the mapped file). Read here, the file only passes through the page cache, which the
+    kernel reclaims, so loading costs the tensors alone (the exporters' peak memory, issue 15)."""
+    import json as _json
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for name in names if names is not None else header:
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+            buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+            if buffer is not None and buffer.nbytes != end - begin:
+                raise ValueError(f"tensor {name} has {end - begin} bytes for shape {entry['shape']}")
+            fh.seek(8 + n + begin)
+            if buffer is not None and fh.readinto(memoryview(buffer)) != end - begin:
+                raise ValueError(f"tensor {name} is truncated")
+            yield name, tensor
 
 
 def load_model(model_dir: str | Path, dtype=torch.float32) -> HybridLM:
@@ -144,11 +191,33 @@ def load_model(model_dir: str | Path, dtype=torch.float32) -> HybridLM:
     model_dir = Path(model_dir)
     config = check_checkpoint(model_dir, read_data=False)  # shapes from the headers, before any allocation
     state = read_state_dict(model_dir)
-    for name, tensor in state.items():
-        check_finite(name, tensor, model_dir)
-    model = HybridLM(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    for name in list(state):
+        check_finite(name, state[name], model_dir)
+        state[name] = state[name].to(dtype)  # one tensor at a time: never a second whole copy
+    # built on the meta device and given the loaded tensors themselves (assign): a model built on the CPU
+    # would hold a randomly initialized copy next to the state dict, twice the checkpoint in RAM
+    with torch.device("meta"):
+        model = HybridLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:  # assign replaced the embedding's Parameter: tie the head to the new one
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(dtype).eval()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc's malloc_trim), after a model is dropped.
+
+    Weights up to 32 MB are allocated from malloc's heap once glibc has raised its mmap threshold (it does
+    after the first big free), and a heap returns little of it by itself: after an exporter drops the fp32
+    model, its RSS would stay at the model's size through quantization and writing (issue 15)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def save_model(model: HybridLM, model_dir: str | Path) -> None:

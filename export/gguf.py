@@ -144,13 +144,15 @@ class _Checkpoint:
 
         from edge.checkpoint import weight_shards  # imports torch: only when exporting
 
-        self.where = {}  # tensor name -> the open shard holding it
+        self.where = {}  # tensor name -> the open shard holding it (headers: names, shapes)
+        self.path = {}  # tensor name -> the shard file, read from (read)
         for shard in weight_shards(model_dir):
             try:
                 f = safe_open(model_dir / shard, framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
                 raise EdgeError(f"cannot read {model_dir / shard}: {e}; the file is corrupt or truncated") from None
             self.where.update({name: f for name in f.keys()})
+            self.path.update({name: model_dir / shard for name in f.keys()})
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -159,7 +161,11 @@ class _Checkpoint:
         return tuple(self.where[name].get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
-        return self.where[name].get_tensor(name).float().numpy()
+        # a plain read, not the memory map's get_tensor: mapped pages once read would stay in the RSS,
+        # the whole checkpoint by the last tensor (edge.checkpoint.read_tensors)
+        from edge.checkpoint import read_tensors
+
+        return next(read_tensors(self.path[name], [name]))[1].float().numpy()
 
 
 def plan_tensors(ckpt: _Checkpoint, config: HybridConfig, qtype: QType) -> list[tuple[str, str, tuple, QType]]:

@@ -136,6 +136,12 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         scales = calibrate_kv_scales(model, tokenizer_text) if kv_cache == "int8" and config.attention_layers else None
         # the int8 graph is the fp32 one whose GroupQueryAttention nodes then store int8 (quantize_kv_cache)
         graph = trace(model, "fp32" if kv_cache == "int8" else kv_cache, max_seq_len)
+        # the graph's weights are placeholders (optimize_with_lazy_weights): from here on they are read from the checkpoint
+        # one at a time, so the fp32 model is not kept next to the quantized graph (issue 15: peak memory)
+        del model
+        from edge.checkpoint import return_freed_memory
+        return_freed_memory()
+        bind_weights(graph, model_dir)
         if scales is not None:
             graph = quantize_kv_cache(graph, config, scales)
         graph = quantize_weights(graph, quant, group_size, config)
@@ -178,8 +184,19 @@ def quiet():
 def trace(model, kv_cache: str, max_seq_len: int):
     """torch.onnx.export (dynamo) of one step; returns the optimised ModelProto, checked for all state outputs."""
     config = model.config
-    if config.tie_word_embeddings:  # a separate lm_head initializer, so the weight quantizers see a constant MatMul
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    tied = config.tie_word_embeddings
+    if tied:  # a separate lm_head initializer, so the weight quantizers see a constant MatMul; its values are
+        # never read (the graph's weights are placeholders, optimize_with_lazy_weights), so no copy of the table is made
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))
+    try:
+        return _trace(model, kv_cache, max_seq_len)
+    finally:
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _trace(model, kv_cache: str, max_seq_len: int):
+    config = model.config
     past = empty_state(config, kv_cache, past_len=5)  # example sizes >= 2 keep the dims dynamic
     input_ids = torch.zeros(1, 3, dtype=torch.long)
     names = list(past)
@@ -190,10 +207,12 @@ def trace(model, kv_cache: str, max_seq_len: int):
         program = torch.onnx.export(step, (input_ids,), kwargs={"past": past}, dynamo=True, opset_version=OPSET,
                                     input_names=["input_ids", *names],
                                     output_names=["logits", *map(present_name, names)],
-                                    dynamic_shapes=dynamic, optimize=True, verbose=False)
+                                    dynamic_shapes=dynamic, optimize=False, verbose=False)
     except Exception as e:
         raise EdgeError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
-    graph = fuse_for_ort(program.model_proto)
+    graph = optimize_with_lazy_weights(program.model, {f"model.{n}" for n, p in model.named_parameters() if p.dim() == 2})
+    del program
+    graph = fuse_for_ort(graph)
     graph = fuse_causal_conv(graph, config)
     graph = pack_parallel_matmuls(graph)
     if kv_cache == "fp32":
@@ -364,11 +383,18 @@ def pack_parallel_matmuls(graph):
     for x, group in siblings.items():
         if len(group) != 3:
             continue
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
         packed = f"packed.{group[0].name or group[0].output[0]}"
+        tensors = [inits[n.input[1]] for n in group]
+        if all(map(is_lazy, tensors)):  # placeholders (optimize_with_lazy_weights): concatenated when read
+            pieces = [piece for t in tensors for piece in lazy_pieces(t)]
+            widths = [t.dims[1] for t in tensors]
+            weight = lazy_placeholder(packed, [tensors[0].dims[0], sum(widths)], pieces)
+        else:
+            weights = [weight_array(t) for t in tensors]
+            widths = [w.shape[1] for w in weights]
+            weight = numpy_helper.from_array(np.concatenate(weights, axis=1), packed)
         graph.graph.initializer.extend([
-            numpy_helper.from_array(np.concatenate(weights, axis=1), packed),
-            helper.make_tensor(packed + ".split", TensorProto.INT64, [len(group)], [w.shape[1] for w in weights])])
+            weight, helper.make_tensor(packed + ".split", TensorProto.INT64, [len(group)], widths)])
         replace[id(group[0])] = [helper.make_node("MatMul", [x, packed], [packed + ".out"], name=packed),
                                  helper.make_node("Split", [packed + ".out", packed + ".split"],
                                                   [n.output[0] for n in group], axis=-1)]
@@ -507,34 +533,108 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     each (asymmetric: measurably closer to fp32 than symmetric at the same size, see README), int8
     compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
     (export untied it so the quantizer sees a constant MatMul). int4 with tied embeddings: the embedding
-    reads the lm_head's 4-bit blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table."""
-    if quant == "fp32":
-        return graph
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    reads the lm_head's 4-bit blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table.
 
-    if quant == "int4":
-        quantizer = MatMulNBitsQuantizer(graph, bits=4, block_size=group_size, is_symmetric=False,
-                                         accuracy_level=4)
-        quantizer.process()
-        quantized = quantizer.model.model
-        if config.tie_word_embeddings:
-            quantized = share_quantized_embedding(quantized)
-    else:
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            dst = Path(tmp) / "int8.onnx"
-            # reduce_range: 7-bit weights, because on x86 CPUs without VNNI (AVX2, AVX-512F) MLAS multiplies
-            # u8 activations by s8 weights with vpmaddubsw, whose int16 pair sums saturate at full range
-            # (ORT's quantization guide): tiny int8 mean cos 0.988 there, under the 8-bit bound
-            quantize_dynamic(graph, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                             per_channel=True, reduce_range=True)
-            quantized = onnx.load_model(str(dst))
-    left = weight_matmuls(quantized)
+    The graph ORT's quantize_dynamic / MatMulNBitsQuantizer would write, node for node and with their
+    arithmetic (`quantize_matmul_int8`, `quantize_matmul_nbits`), but one weight at a time, each read
+    when its turn comes (placeholders, optimize_with_lazy_weights): those tools hold the whole fp32 model, and
+    quantize_dynamic a second copy of it, which made a 350M int8 export peak at 10 GB (issue 15)."""
+    if quant == "fp32":
+        return materialize_weights(graph)
+    inits = {i.name: i for i in graph.graph.initializer}
+    nodes = list(graph.graph.node)
+    replace, quantized_inputs = {}, {}
+    for n in nodes:
+        weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx_float():
+            continue
+        if quant == "int4":
+            replace[id(n)], new = quantize_matmul_nbits(n, weight, group_size)
+        else:
+            replace[id(n)], new = quantize_matmul_int8(n, weight, quantized_inputs)
+        graph.graph.initializer.extend(new)
+    graph = rebuild(graph, nodes, replace, set())  # drops each fp32 weight (placeholder or data) now unused
+    if quant == "int4" and config.tie_word_embeddings:
+        graph = share_quantized_embedding(graph)
+    left = weight_matmuls(graph)
     if left:
         raise EdgeError(f"{quant} quantization left {len(left)} weight MatMuls in float ({left[0]}, ...)")
-    return quantized
+    return materialize_weights(graph)  # what stays float (an untied or int8-graph embedding table)
+
+
+def onnx_float() -> int:
+    from onnx import TensorProto
+
+    return TensorProto.FLOAT
+
+
+def quantize_matmul_nbits(node, weight, group_size: int):
+    """MatMul(x, W) -> com.microsoft MatMulNBits over W's 4-bit blocks, as ORT's MatMulNBitsQuantizer
+    (DefaultWeightOnlyQuantizer, asymmetric, accuracy_level 4) writes it. Returns (nodes, initializers)."""
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=group_size, is_symmetric=False, accuracy_level=4, bits=4))
+    w = weight_array(weight)
+    K, N = w.shape
+    packed, scales, zero_points = quantizer.qbits_block_quant(w)
+    del w
+    name = weight.name
+    tensors = [numpy_helper.from_array(packed, name + "_Q4"), numpy_helper.from_array(scales, name + "_scales"),
+               numpy_helper.from_array(zero_points, name + "_zero_points")]
+    matmul = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], [node.output[0]],
+                              name=node.name + "_Q4" if node.name else "", domain="com.microsoft",
+                              K=K, N=N, bits=4, block_size=group_size, accuracy_level=4)
+    return [matmul], tensors
+
+
+def quantize_matmul_int8(node, weight, quantized_inputs: dict):
+    """MatMul(x, W) -> DynamicQuantizeLinear(x) (once per x), MatMulInteger, Cast, Mul by the scales: the
+    nodes ORT's quantize_dynamic(per_channel, reduce_range, QInt8) writes, W quantized per output column
+    by its own quant_utils.quantize_data (symmetric, 7-bit). `quantized_inputs` remembers the x already quantized. Returns (nodes, initializers).
+    reduce_range: 7-bit weights, because on x86 CPUs without VNNI (AVX2, AVX-512F) MLAS multiplies u8
+    activations by s8 weights with vpmaddubsw, whose int16 pair sums saturate at full range (ORT's
+    quantization guide): tiny int8 mean cos 0.988 there, under the 8-bit bound."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = weight_array(weight)
+    q, scales = quantize_columns_int8(w)
+    zero_points = np.zeros(w.shape[1], dtype=np.int8)
+    del w
+    name, x, out = weight.name, node.input[0], node.output[0]
+    tensors = [numpy_helper.from_array(q, name + "_quantized"), numpy_helper.from_array(scales, name + "_scale"),
+               numpy_helper.from_array(zero_points, name + "_zero_point")]
+    new = []
+    if x not in quantized_inputs:
+        quantized_inputs[x] = [x + "_quantized", x + "_scale", x + "_zero_point"]
+        new.append(helper.make_node("DynamicQuantizeLinear", [x], quantized_inputs[x], name=x + "_QuantizeLinear"))
+    xq, xs, xz = quantized_inputs[x]
+    new += [helper.make_node("Mul", [xs, name + "_scale"], [out + "_scales"], name=out + "_quant_scales_mul"),
+            helper.make_node("MatMulInteger", [xq, name + "_quantized", xz, name + "_zero_point"],
+                             [out + "_output_quantized"], name=out + "_quant"),
+            helper.make_node("Cast", [out + "_output_quantized"], [out + "_output_float"], to=TensorProto.FLOAT,
+                             name=out + "_output_cast"),
+            helper.make_node("Mul", [out + "_output_float", out + "_scales"], [out], name=out + "_output_scale_mul")]
+    return new, tensors
+
+
+def quantize_columns_int8(w: np.ndarray, rows_per_step: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """W [K, N] -> (int8 [K, N], float32 scales [N]): per column, symmetric, 7-bit range (reduce_range),
+    the arithmetic of ORT's quant_utils.quantize_data(col, INT8, symmetric=True, reduce_range=True),
+    vectorized (a Python loop over 65536 columns cost minutes): range [min(col, 0), max(col, 0)] made
+    symmetric, scale = 2 * absmax / (64 - -64) (exact in float32: a power-of-two divisor; 1.0 for an
+    all-zero column), q = clip(round_half_even(w / scale), -128, 127). tests/test_export_memory.py
+    checks it byte for byte against ORT's function. Rows in steps: one float temporary of K/steps."""
+    absmax = np.maximum(np.abs(np.minimum(w.min(axis=0), 0)), np.abs(np.maximum(w.max(axis=0), 0)))
+    scales = (absmax.astype(np.float64) * 2 / 128).astype(np.float32)
+    scales[scales < np.finfo(np.float32).tiny] = 1.0
+    q = np.empty(w.shape, dtype=np.int8)
+    for r in range(0, w.shape[0], rows_per_step):
+        part = np.round(w[r:r + rows_per_step] / scales)
+        q[r:r + rows_per_step] = np.clip(part, -128, 127, out=part)
+    return q, scales
 
 
 def share_quantized_embedding(graph):
@@ -566,3 +666,134 @@ def share_quantized_embedding(graph):
     new.append(helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name="embedding_q4",
                                 domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1))
     return rebuild(graph, nodes, {id(gather): new}, set())
+
+
+# ---- weights as placeholders -----------------------------------------------------------------------
+# The traced graph does not carry the model's weight matrices: each is a placeholder initializer (shape,
+# dtype, and where its values come from: checkpoint tensors, maybe transposed, maybe several side by
+# side), read when the quantizer reaches it or when the graph is written. The exporter and ORT's
+# quantizers would otherwise hold the fp32 model several times over (issue 15). A placeholder is an
+# external-data tensor whose location names no file (lazy_location() + JSON): if one ever reached a
+# saved model, ONNX Runtime would refuse it rather than run with wrong weights.
+def lazy_location() -> str:
+    return "edge-lazy-weight:"
+
+
+def is_lazy(tensor) -> bool:
+    return any(e.key == "location" and e.value.startswith(lazy_location()) for e in tensor.external_data)
+
+
+def lazy_pieces(tensor) -> list[dict]:
+    """The pieces of a placeholder, concatenated along axis 1: {"name": parameter, "t": transposed,
+    and once bound (bind_weights) "file", "tensor": where the checkpoint holds it}."""
+    location = next(e.value for e in tensor.external_data if e.key == "location")
+    return json.loads(location[len(lazy_location()):])
+
+
+def lazy_placeholder(name: str, dims, pieces: list[dict]):
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, dims=list(dims), data_type=TensorProto.FLOAT,
+                         data_location=TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value=lazy_location() + json.dumps(pieces))
+    return tensor
+
+
+def weight_array(tensor) -> np.ndarray:
+    """The values of an initializer: its data, or a placeholder's, read from the checkpoint now."""
+    from onnx import numpy_helper
+
+    if not is_lazy(tensor):
+        return numpy_helper.to_array(tensor)
+    from edge.checkpoint import read_tensors
+
+    parts = []
+    for piece in lazy_pieces(tensor):
+        if "file" not in piece:
+            raise EdgeError(f"internal: weight placeholder {tensor.name} was never bound to a checkpoint")
+        values = next(read_tensors(Path(piece["file"]), [piece["tensor"]]))[1].float().numpy()
+        parts.append(np.ascontiguousarray(values.T) if piece["t"] else values)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def materialize_weights(graph):
+    """Give every placeholder left in the graph its values, one at a time, in place."""
+    from onnx import numpy_helper
+
+    for tensor in graph.graph.initializer:
+        if is_lazy(tensor):
+            tensor.CopyFrom(numpy_helper.from_array(weight_array(tensor), tensor.name))
+    return graph
+
+
+def bind_weights(graph, model_dir: Path) -> None:
+    """Point every placeholder piece at the checkpoint file and tensor holding it. The graph names
+    parameters as the exported module does (`model.` + the HybridLM name = the Hugging Face name); a
+    tied lm_head is the embedding table."""
+    from safetensors import safe_open
+
+    from edge.checkpoint import weight_shards
+
+    where = {}
+    for shard in weight_shards(model_dir):
+        with safe_open(model_dir / shard, framework="np") as f:
+            where.update({name: str(model_dir / shard) for name in f.keys()})
+    for tensor in graph.graph.initializer:
+        if not is_lazy(tensor):
+            continue
+        pieces = lazy_pieces(tensor)
+        for piece in pieces:
+            name = piece["name"].removeprefix("model.")
+            if name not in where and name == "lm_head.weight":
+                name = "model.embed_tokens.weight"
+            if name not in where:
+                raise EdgeError(f"{model_dir} has no tensor {name}, which the exported graph reads")
+            piece.update(file=where[name], tensor=name)
+        location = next(e for e in tensor.external_data if e.key == "location")
+        location.value = lazy_location() + json.dumps(pieces)
+
+
+def optimize_with_lazy_weights(model, weight_names: set[str]):
+    """torch.onnx.export's optimization (onnxscript's optimize_ir + onnx fusions) of the exported ir.Model,
+    with the weights named in `weight_names` replaced by placeholders first, and without folding
+    Transpose(weight) into a transposed copy (the exporter spells Linear so): the transposition is moved
+    into the placeholder instead. Returns the ModelProto, holding no weight matrix."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if name in weight_names and tensor is not None:
+            value.const_value = ir.ExternalTensor(lazy_location() + json.dumps([{"name": name, "t": False}]),
+                                                  None, None, tensor.dtype, shape=tensor.shape, name=name)
+
+    def should_fold(node):
+        lazy = any(v is not None and isinstance(v.const_value, ir.ExternalTensor)
+                   and str(v.const_value.location).startswith(lazy_location()) for v in node.inputs)
+        return False if lazy else None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    return unfold_weight_transposes(ir.serde.serialize_model(model))
+
+
+def unfold_weight_transposes(graph):
+    """Transpose(placeholder) -> a placeholder of the transposed weight, under the Transpose's output name."""
+    inits = {i.name: i for i in graph.graph.initializer}
+    nodes = list(graph.graph.node)
+    _, consumers = node_index(nodes)
+    drop, new = set(), []
+    for n in nodes:
+        weight = inits.get(n.input[0]) if n.op_type == "Transpose" else None
+        perm = [list(a.ints) for a in n.attribute if a.name == "perm"]
+        if (weight is None or not is_lazy(weight) or len(weight.dims) != 2 or perm not in ([], [[1, 0]])
+                or len(consumers[weight.name]) != 1):
+            continue
+        pieces = [{**p, "t": not p["t"]} for p in lazy_pieces(weight)]
+        if len(pieces) != 1:
+            continue
+        new.append(lazy_placeholder(n.output[0], list(reversed(weight.dims)), pieces))
+        drop.add(id(n))
+    graph.graph.initializer.extend(new)
+    return rebuild(graph, nodes, {}, drop)
