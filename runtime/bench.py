@@ -399,3 +399,64 @@ def main(args, runner=None) -> None:
     if args.json:
         write_json(args.json, records)
         print(f"wrote {len(records)} records to {args.json}")
+
+
+def bench_depths(openers: Sequence[tuple[str, Callable[[], object]]], *, depths: Sequence[int], n_gen: int = 16,
+                 repetitions: int = 2, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Decode cost against context depth: per repetition each session is reset once, filled step by step to
+    each depth in turn (untimed, random ids), and `n_gen` single-token decodes are timed there. One fill to
+    the deepest depth per repetition, where `bench_interleaved(depth=d)` refills from zero for every d.
+    Sessions take turns per repetition (A B A B) as in bench_interleaved. One record per (session, depth),
+    with llama-bench's field names; kv_cache_bytes is the cache's size at that depth."""
+    depths = sorted(set(depths))
+    if not depths or depths[0] < 0 or n_gen < 1 or repetitions < 1:
+        raise EdgeError("give depths >= 0, -n >= 1 and -r >= 1")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter_ns()
+    sessions, loads = [], []
+    samples: dict[tuple[int, int], list[int]] = {}
+    kv_bytes: dict[tuple[int, int], int] = {}
+    bar = _progress_bar(progress, total=len(openers) * repetitions * len(depths))
+    try:
+        for label, open_session in openers:
+            start = time.perf_counter_ns()
+            session = open_session()
+            loads.append((time.perf_counter_ns() - start) / 1e6)
+            need = depths[-1] + 1 + n_gen
+            if need > session.max_seq_len:
+                raise EdgeError(f"{label} holds {session.max_seq_len} tokens but the deepest test needs {need}; "
+                                f"export with a larger --max-seq-len")
+            sessions.append(session)
+        for _ in range(repetitions):
+            for i, ((label, _), s) in enumerate(zip(openers, sessions)):
+                s.reset()
+                for depth in depths:
+                    bar.set_description(f"{label} d{depth}")
+                    fill = rng.integers(0, s.vocab_size, depth + 1 - s.n_past).tolist()  # +1: a prompt token
+                    for j in range(0, len(fill), DEPTH_CHUNK):
+                        s.prefill(fill[j:j + DEPTH_CHUNK])
+                    ids = rng.integers(0, s.vocab_size, n_gen).tolist()
+                    start = time.perf_counter_ns()
+                    for token in ids:
+                        s.decode(token)
+                    samples.setdefault((i, depth), []).append(time.perf_counter_ns() - start)
+                    kv_bytes[(i, depth)] = int(s.kv_cache_bytes())
+                    bar.update()
+                s.reset()
+    finally:
+        bar.close()
+    records = []
+    for i, ((label, _), s) in enumerate(zip(openers, sessions)):
+        for depth in depths:
+            ns = samples[(i, depth)]
+            ts = [n_gen * 1e9 / x for x in ns]
+            records.append({
+                "label": label, "model_filename": str(s.path or ""), "model_n_params": s.config.n_params(),
+                "n_prompt": 0, "n_gen": n_gen, "n_depth": depth, "n_threads": s.n_threads,
+                "test": describe_test(0, n_gen, depth), "engine": s.engine, "quant": s.quant,
+                "kv_cache": s.kv_cache, "median_ns": statistics.median(ns), "median_ts": statistics.median(ts),
+                "ms_per_token": statistics.median(ns) / n_gen / 1e6, "samples_ns": ns,
+                "kv_cache_bytes": kv_bytes[(i, depth)], "load_ms": loads[i], "cpu": cpu_label(),
+            })
+        s.close()
+    return records
