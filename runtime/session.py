@@ -8,7 +8,7 @@ Every engine runtime.load opens has one constructor signature, `Backend(path, n_
 kv_cache=None, max_seq_len=None)` (LOAD_OPTIONS), and calls `Session.__init__` with what it read from the
 artifact. An option the engine cannot honour is an EdgeError naming the engine (`_fixed_at_export`).
 Capabilities only some engines have are declared here with a default, never probed with hasattr:
-`format.kv_cache_at_load`, `saves_state` (state_arrays/load_state), `op_library`, `synchronize()`.
+`format.kv_cache_at_load`, `saves_state` (state_arrays/load_state), `op_library`.
 """
 from __future__ import annotations
 
@@ -58,9 +58,6 @@ class Session(ABC):
 
     def close(self) -> None:
         """Free the engine's resources (idempotent)."""
-
-    def synchronize(self) -> None:
-        """Wait for work the engine queued (llama.cpp); a no-op where every call returns when done."""
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         raise EdgeError(f"{self.engine} cannot save a conversation's state (Session.saves_state is False)")
