@@ -29,7 +29,7 @@ from edge.files import write_json
 from edge.model import causal_mask, grouped_attention
 from export.executorch import BufferCache
 from runtime.bench import bench_interleaved
-from runtime.et_kernels import quantize_symmetric
+from edge.formats.executorch import quantize_symmetric
 from runtime.session import Session
 
 ATTN_WORK = WORK / "executorch_attention"

@@ -32,7 +32,8 @@ from pathlib import Path
 from edge.config import preset
 from edge.files import atomic_path, write_json
 from edge.tokenizer import default_corpus, train_tokenizer
-from export import FORMATS, export_model
+from edge.formats import FORMATS
+from export import export_model
 from export.gguf import quantize_with_llamacpp
 from tests.parity import (BOUNDS, GQA_8_2, metrics, random_ids, session_logits, transformers_checkpoint,
                           transformers_logits)
@@ -73,10 +74,10 @@ SETTINGS = [
      False),
     # (8da4w group 16 does not lower: XNNPACK needs groups that are multiples of 32)
     ("executorch", "fp32", {}, "reference", False),
-    ("executorch", "8da4w", {"group_size": 128}, "symmetric; int8 embedding; lm_head 4-bit", True),
-    ("executorch", "8da4w", {"group_size": 64}, "symmetric; int8 embedding; lm_head 4-bit", False),
-    ("executorch", "8da4w", {"group_size": 32}, "symmetric; int8 embedding; lm_head 4-bit", True),
-    ("executorch", "8da4w", {"group_size": 32, "embedding_quant": "int4"}, "lm_head 4-bit", False),
+    ("executorch", "8da4w", {"group_size": 128}, "symmetric; int8 embedding; lm_head int8 per channel", True),
+    ("executorch", "8da4w", {"group_size": 64}, "symmetric; int8 embedding; lm_head int8 per channel", False),
+    ("executorch", "8da4w", {"group_size": 32}, "symmetric; int8 embedding; lm_head int8 per channel", True),
+    ("executorch", "8da4w", {"group_size": 32, "embedding_quant": "int4"}, "int4 embedding; lm_head int8 per channel", False),
 ]
 
 
@@ -166,7 +167,7 @@ def measure(ckpt: str, model_dir: Path, fmt: str, quant: str, options: dict, not
 
     name = label(quant, options)
     started = time.time()
-    path = export_setting(fmt, quant, options, model_dir, model_dir.parent / f"{ckpt}-{fmt}-{name}{FORMATS[fmt][1]}")
+    path = export_setting(fmt, quant, options, model_dir, model_dir.parent / f"{ckpt}-{fmt}-{name}{FORMATS[fmt].suffix}")
     export_s = time.time() - started
     session = runtime.load(path, n_threads=1)
     got = session_logits(session, ids)

@@ -211,7 +211,9 @@ class DynamicQuantLinear(nn.Module):
 def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]:
     """torchao dynamic int8 activations x int8/int4 weights (what XNNPACK runs); returns skipped names.
 
-    8da4w: int4 weights in groups of `group_size` input columns (0 = one scale per output channel).
+    8da4w: int4 weights in groups of `group_size` input columns (0 = one scale per output channel), except
+    the lm_head, which keeps int8 per channel as llama.cpp's q4_0 keeps its output matrix at 8 bits: a
+    4-bit head misses docs/design.md §5's 4-bit bound even at group 32 (benchmarks/RESULTS.md, 2026-11-30).
     8da8w: int8 weights with one scale per output channel (XNNPACK runs groups for 4-bit only)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -228,8 +230,10 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if quant == "8da4w" else torch.int8,
         weight_granularity=PerGroup(group_size) if grouped else PerAxis(0))
+    head = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     to_quantize = lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped  # noqa: E731
-    quantize_(model, config, filter_fn=to_quantize)
+    quantize_(model, head, filter_fn=lambda m, fqn: to_quantize(m, fqn) and fqn == "lm_head")
+    quantize_(model, config, filter_fn=lambda m, fqn: to_quantize(m, fqn) and fqn != "lm_head")
     for name, module in list(model.named_modules()):
         if to_quantize(module, name):
             model.set_submodule(name, DynamicQuantLinear(module))

@@ -13,7 +13,8 @@ import pytest
 import runtime
 from conftest import ARTIFACT_MAX_SEQ_LEN, TINY
 from engines import needs
-from export import FORMATS, export_model
+from edge.formats import FORMATS
+from export import export_model
 from parity import GQA_8_2, assert_parity, random_ids, session_logits, transformers_checkpoint, transformers_logits
 
 # format -> (its 4-bit weights, the KV cache)
@@ -32,18 +33,10 @@ def transformers_reference(gqa_checkpoint):
     return transformers_logits(gqa_checkpoint, IDS)
 
 
-# ExecuTorch 8da4w misses the bound at every group size XNNPACK lowers (multiples of 32; group 32: mean cos
-# 0.979, min 0.971): its lm_head is 4-bit, where llama.cpp's q4_0 keeps the output matrix q8_0. Strict, so
-# the test reports when an 8-bit lm_head (issue 15 item 6) makes the default pass.
-KNOWN_SHORT = {"executorch": "8da4w's 4-bit lm_head: mean cos 0.979 < 0.98 at group 32 (XNNPACK's finest)"}
-
-
-@pytest.mark.parametrize("fmt", [
-    pytest.param(f, marks=[*needs(f), *([pytest.mark.xfail(strict=True, reason=KNOWN_SHORT[f])] if f in KNOWN_SHORT
-                                        else [])]) for f in FOUR_BIT])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=needs(f)) for f in FOUR_BIT])
 def test_default_4bit_export_meets_the_bound(fmt, gqa_checkpoint, transformers_reference, tmp_path):
     quant, kv_cache = FOUR_BIT[fmt]
-    artifact = export_model(fmt, gqa_checkpoint, tmp_path / f"gqa{FORMATS[fmt][1]}", quant=quant,
+    artifact = export_model(fmt, gqa_checkpoint, tmp_path / f"gqa{FORMATS[fmt].suffix}", quant=quant,
                             kv_cache=kv_cache, max_seq_len=ARTIFACT_MAX_SEQ_LEN)
     session = runtime.load(artifact, n_threads=1)
     try:
