@@ -44,7 +44,7 @@ from edge.formats.executorch import (EMBEDDING_QUANTS, METADATA_VERSION, OP_LIBR
 # KV caches (edge/formats/__init__.py): int8 is our kernels (edge/formats/executorch.py), which need our op
 # library in the runner; int8-stock is the same int8 cache written with llama::update_cache and read by
 # llama::custom_quantized_sdpa, ExecuTorch's stock ops, for runners that cannot link our library (prebuilt
-# ExecuTorch packages), slower on x86 (README)
+# ExecuTorch packages), slower on x86 (benchmarks/RESULTS.md)
 DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
 DEFAULT_PREFILL_CHUNK = 128
 
@@ -181,7 +181,7 @@ class DynamicQuantLinear(nn.Module):
     torchao computes the weights (qdata, scale, zero point 0); only the graph's spelling differs from its
     tensor subclass: the quantized_decomposed ops have meta kernels, so each of the lowering's ~20
     fake-tensor re-traces costs one dispatch per op, where torchao's python primitives cost dozens;
-    this halves the lowering of the lfm2-350m preset (README, ExecuTorch section)."""
+    this halves the lowering of the lfm2-350m preset (benchmarks/RESULTS.md, ExecuTorch)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -323,7 +323,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     }
     # One XnnpackPartitioner takes the dynamically quantized linears and the fp32 ops alike: a per-linear
     # DQ partitioner first (export_llama's -X) made 4.5x more delegates, no faster at run time and 2x slower
-    # to lower (README, ExecuTorch section)
+    # to lower (benchmarks/RESULTS.md, ExecuTorch)
     partitioners = [XnnpackPartitioner()]
     try:
         edge = to_edge_transform_and_lower(

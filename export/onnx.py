@@ -18,9 +18,9 @@ KV format: float32, float16, or int8. int8 is ONNX Runtime's native GroupQueryAt
 (docs/design.md §3's "native format, documented"): symmetric, value = int8 * scale with one float32 scale per
 (kv head, channel) per layer, calibrated at export on a short text (`calibrate_kv_scales`) and stored as
 constants in the graph, so the state I/O is the same K/V tensors as fp32, in int8; K is cached after
-RoPE, as in fp32. Measured against per-(position, kv head) scales applied with plain ops, it is as
-faithful on the §5 protocol and 3-4x faster at long context (README). There is no position input; a fresh
-sequence starts from empty (length-0) K/V and zero conv states.
+RoPE, as in fp32. Measured against per-(position, kv head) scales applied with plain ops, it is nearly
+as faithful on the §5 protocol and 4-5x faster at long context (benchmarks/RESULTS.md). There is no
+position input; a fresh sequence starts from empty (length-0) K/V and zero conv states.
 (*) Graphs with GroupQueryAttention (fp32 and int8 KV) take the context length from `attention_mask`, as
 the builder's do, not from the past's shape, so a runtime may also bind past and present to one buffer
 of max length that GQA appends to in place (ORT's past_present_share_buffer: no cache copy per step;
@@ -285,7 +285,7 @@ def quantize_kv_cache(graph, config: HybridConfig, scales: dict[int, tuple[np.nd
 def fuse_for_ort(graph):
     """onnxscript's transformer fusions for ONNX Runtime: RMSNorm (+ residual add) ->
     (Skip)SimplifiedLayerNormalization, the decomposed SDPA -> com.microsoft MultiHeadAttention: fewer,
-    fused kernels per step (see README). Its MatMul+Transpose -> FusedMatMul rules are left out on
+    fused kernels per step (see benchmarks/RESULTS.md). Its MatMul+Transpose -> FusedMatMul rules are left out on
     purpose: they would hide weights from the quantizers (ORT applies them itself at load time)."""
     import onnx_ir as ir
     # private module on purpose: onnxscript 0.7.2's public ort_fusions has only optimize_for_ort, which adds
@@ -338,7 +338,7 @@ def fuse_causal_conv(graph, config: HybridConfig):
     """Replace each conv layer's Concat(past_conv, B*x) + depthwise Conv (+ Slice of the new state, + Slice
     of the output) by one com.microsoft CausalConvWithState, ORT's fused kernel for stateful short convs
     (the onnxruntime-genai builder's LFM2 graph uses it too): a generic grouped Conv over a 3-column window
-    costs several times more per decode step (README). Its state is the newest L_cache-1 columns, as ours.
+    costs several times more per decode step (benchmarks/RESULTS.md). Its state is the newest L_cache-1 columns, as ours.
     Returns the graph unchanged if the expected pattern is absent."""
     from onnx import helper
 
@@ -370,7 +370,7 @@ def pack_parallel_matmuls(graph):
     """The three MatMuls that read the same activation with constant weights (attention q/k/v) become
     one MatMul over the weights concatenated along N, then a Split: fewer GEMVs per step, as the
     onnxruntime-genai builder packs qkv_proj; the quantizers then see one wider weight. The FFN's w1/w3
-    pair is left apart on purpose: packed (N = 2*ffn) it decoded 5% slower in ORT 1.32 (README)."""
+    pair is left apart on purpose: packed (N = 2*ffn) it decoded 5% slower in ORT 1.32 (benchmarks/RESULTS.md)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {i.name: i for i in graph.graph.initializer}
@@ -436,7 +436,7 @@ def fuse_group_query_attention(graph, config: HybridConfig, max_seq_len: int):
     com.microsoft GroupQueryAttention (fp32 KV only: ORT's CPU kernel wants T_CACHE == T for float).
     GQA appends to the grouped cache, applies RoPE itself (do_rotary, from cos/sin tables of
     max_seq_len positions) and attends causally without expanding K/V to n_heads: fewer kernels per
-    step (README). Adds the `attention_mask` input its lengths come from (module docstring). Returns
+    step (benchmarks/RESULTS.md). Adds the `attention_mask` input its lengths come from (module docstring). Returns
     the graph unchanged if the expected pattern is absent."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -530,7 +530,7 @@ def weight_matmuls(graph) -> list[str]:
 def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     """fp32 as is. int8: ORT dynamic quantization (int8 weights per output channel, activations
     quantized per call). int4: MatMulNBits, blocks of `group_size` along K with a scale and zero point
-    each (asymmetric: measurably closer to fp32 than symmetric at the same size, see README), int8
+    each (asymmetric: measurably closer to fp32 than symmetric at the same size, see benchmarks/RESULTS.md), int8
     compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
     (export untied it so the quantizer sees a constant MatMul). int4 with tied embeddings: the embedding
     reads the lm_head's 4-bit blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table.

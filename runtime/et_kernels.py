@@ -2,7 +2,7 @@
 directly, and `edge::int8_update_cache`, which quantizes new K/V rows into it.
 
 Why not ExecuTorch's `llama::custom_quantized_sdpa`: its Q·K runs torchao's int8 matmul, which has NEON
-code only; on x86 it is a scalar fallback, ~15x slower than fp32 `custom_sdpa` in prefill (README).
+code only; on x86 it is a scalar fallback, ~15x slower than fp32 `custom_sdpa` in prefill (benchmarks/RESULTS.md).
 
 Two halves, one op schema:
   - `define_ops()` (edge/formats/executorch.py, the format's contract: the exporter needs it too)
@@ -16,7 +16,7 @@ Two halves, one op schema:
     library, whose `EXECUTORCH_LIBRARY` registrations add `edge::int8_sdpa.out` and
     `edge::int8_update_cache.out` to the ExecuTorch runtime, or fails in one line naming the build command.
     ExecuTorch's own runner (C++ or its Python binding) runs our .pte once it has loaded the same file; on a
-    phone the same CMake project is cross-compiled and linked into the runner (README, ExecuTorch section;
+    phone the same CMake project is cross-compiled and linked into the runner (benchmarks/RESULTS.md;
     docs/design.md §4, Deployment targets).
 """
 from __future__ import annotations
