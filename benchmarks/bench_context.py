@@ -93,22 +93,23 @@ def plot(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(engines) + 1, figsize=(5 * (len(engines) + 1), 4.2), squeeze=False)
     axes = axes[0]
     styles = {"hybrid": "-", "attention": "--"}
-    for ax, engine in zip(axes, engines):
+
+    def curves(ax, engine, value):
+        """One line per (model, KV cache) of `engine`, `value(record)` against depth."""
         for (model, kv) in sorted({(r["model"], r["kv_label"]) for r in records if r["engine"] == engine}):
             rs = sorted((r for r in records if (r["engine"], r["model"], r["kv_label"]) == (engine, model, kv)),
                         key=lambda r: r["n_depth"])
-            ax.plot([r["n_depth"] for r in rs], [r["ms_per_token"] for r in rs], styles[model], marker="o",
+            ax.plot([r["n_depth"] for r in rs], [value(r) for r in rs], styles[model], marker="o",
                     label=f"{model}, KV {kv}")
+
+    for ax, engine in zip(axes, engines):
+        curves(ax, engine, lambda r: r["ms_per_token"])
         ax.set(title=f"{engine}: decode", xlabel="context depth (tokens)", ylabel="ms / token")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax, first = axes[-1], engines[0]
-    for (model, kv) in sorted({(r["model"], r["kv_label"]) for r in records if r["engine"] == first}):
-        rs = sorted((r for r in records if (r["engine"], r["model"], r["kv_label"]) == (first, model, kv)),
-                    key=lambda r: r["n_depth"])
-        ax.plot([r["n_depth"] for r in rs], [r["kv_cache_bytes"] / 2**20 for r in rs], styles[model], marker="o",
-                label=f"{model}, KV {kv}")
+    curves(ax, first, lambda r: r["kv_cache_bytes"] / 2**20)
     ax.set(title=f"KV cache ({first}; grouped, 8 kv heads)", xlabel="context depth (tokens)", ylabel="MiB")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

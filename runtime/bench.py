@@ -98,6 +98,12 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
 
 
 # ---- one session --------------------------------------------------------------------------------
+def _fill_chunked(session, ids: list[int]) -> None:
+    """Untimed context fill in DEPTH_CHUNK pieces."""
+    for i in range(0, len(ids), DEPTH_CHUNK):
+        session.prefill(ids[i:i + DEPTH_CHUNK])
+
+
 def describe_test(n_prompt: int, n_gen: int, depth: int) -> str:
     name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
     return f"{name} @ d{depth}" if depth else name
@@ -134,9 +140,7 @@ class _SessionBench:
     def _fill(self, n: int) -> None:
         """reset, then n random tokens into the cache (untimed)."""
         self.session.reset()
-        ids = self._ids(n)
-        for i in range(0, n, DEPTH_CHUNK):
-            self.session.prefill(ids[i:i + DEPTH_CHUNK])
+        _fill_chunked(self.session, self._ids(n))
 
     def warmup(self) -> None:
         # llama-bench: one full prompt run and a 1-token generation before timing anything
@@ -411,8 +415,10 @@ def bench_depths(openers: Sequence[tuple[str, Callable[[], object]]], *, depths:
     depths = sorted(set(depths))
     if not depths or depths[0] < 0 or n_gen < 1 or repetitions < 1:
         raise EdgeError("give depths >= 0, -n >= 1 and -r >= 1")
+    if any(b - a < n_gen for a, b in zip(depths, depths[1:])):  # the decodes at one depth carry into the next
+        raise EdgeError(f"depths {depths} lie closer than the {n_gen} decodes timed at each; space them by at "
+                        f"least -n or lower -n")
     rng = np.random.default_rng(seed)
-    t0 = time.perf_counter_ns()
     sessions, loads = [], []
     samples: dict[tuple[int, int], list[int]] = {}
     kv_bytes: dict[tuple[int, int], int] = {}
@@ -432,9 +438,7 @@ def bench_depths(openers: Sequence[tuple[str, Callable[[], object]]], *, depths:
                 s.reset()
                 for depth in depths:
                     bar.set_description(f"{label} d{depth}")
-                    fill = rng.integers(0, s.vocab_size, depth + 1 - s.n_past).tolist()  # +1: a prompt token
-                    for j in range(0, len(fill), DEPTH_CHUNK):
-                        s.prefill(fill[j:j + DEPTH_CHUNK])
+                    _fill_chunked(s, rng.integers(0, s.vocab_size, depth + 1 - s.n_past).tolist())  # +1: a prompt token
                     ids = rng.integers(0, s.vocab_size, n_gen).tolist()
                     start = time.perf_counter_ns()
                     for token in ids:
