@@ -5,6 +5,7 @@ Loading never unpickles: a directory with only .bin/.pt weights is refused with 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -107,7 +108,6 @@ def check_checkpoint(model_dir: str | Path, read_data: bool = True) -> HybridCon
         for name, (path, _) in where.items():
             by_shard.setdefault(path, []).append(name)
         where.clear()  # the memory maps (see read_tensors); one tensor at a time in memory from here
-        f = None
         for path, names in by_shard.items():
             try:
                 for name, tensor in read_tensors(path, names):
@@ -166,12 +166,9 @@ def read_tensors(path: Path, names=None):
     RSS until the map is closed: reading a whole checkpoint through it costs the checkpoint twice (the
     copies plus the mapped file). Read here, the file only passes through the page cache, which the
     kernel reclaims, so loading costs the tensors alone (the exporters' peak memory, issue 15)."""
-    import json as _json
-    import struct
-
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
-        header = _json.loads(fh.read(n))
+        header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         for name in names if names is not None else header:
             entry = header[name]
