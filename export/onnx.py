@@ -124,8 +124,9 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     import onnx
 
     unused = [k for k, v in ignored.items() if v is not None]
-    if unused:
-        warnings.warn(f"onnx export ignores options {', '.join(unused)}")
+    if unused:  # refused, as the GGUF exporter does: a flag that changes nothing must not look like it did
+        raise EdgeError(f"onnx export takes no {'/'.join('--' + k.replace('_', '-') for k in unused)}; they are "
+                        "ExecuTorch options; drop them")
     if quant == "int4" and group_size and (group_size < 16 or group_size & (group_size - 1)):
         raise EdgeError(f"--group-size {group_size} is invalid for onnx int4; use a power of two >= 16 (e.g. 128)")
     model = load_model(model_dir)

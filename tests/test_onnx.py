@@ -215,6 +215,15 @@ def test_corrupt_and_truncated_onnx(artifact, tmp_path):
         one_line_error(e, str(path))
 
 
+def test_executorch_only_options_refused(checkpoints, tmp_path):
+    """--embedding-quant and --prefill-chunk change nothing in an ONNX graph: refused, as GGUF refuses them."""
+    for option in ({"embedding_quant": "int8"}, {"prefill_chunk": 64}):
+        with pytest.raises(EdgeError) as e:
+            export_model("onnx", checkpoints("tiny"), tmp_path / "x.onnx", **option)
+        one_line_error(e, "--" + next(iter(option)).replace("_", "-"), "ExecuTorch")
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_metadata(artifact, tmp_path):
     graph = onnx.load(str(artifact("tiny", "fp32", "fp32")))
     del graph.metadata_props[:]
