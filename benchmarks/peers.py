@@ -75,7 +75,7 @@ def export_stock_pte(model_dir: Path, out: Path, model: str = "lfm2_350m", flags
                              str(ckpt)], work / "et_convert.log", cwd=cwd)
     result = run_child([sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--model",
                         model, "-c", str(ckpt), "-p", str(params), *flags, "-o", str(work),
-                        "-n", out.name], work / f"{out.stem}.export.log", cwd=cwd)
+                        "-n", str(out)], work / f"{out.stem}.export.log", cwd=cwd)
     result["convert_seconds"] = convert["seconds"]
     return result
 
