@@ -35,19 +35,21 @@ def add_protocol_options(p) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions per test (default 5)")
 
 
-def checkpoint() -> Path:
-    """The lfm2-350m preset with random weights, built once: `edge init --preset lfm2-350m` with the
-    tokenizer trained to the preset's full 65536 tokens on the Python standard library's source (the
-    default corpus is too small for that many)."""
-    if (MODEL_DIR / "tokenizer.json").exists() and (MODEL_DIR / "model.safetensors").exists():
-        return MODEL_DIR
-    corpus = MODEL_DIR.parent / "corpus.txt"
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    corpus.write_text("\n".join(p.read_text(errors="replace") for p in files))
-    run_child([*EDGE, "init", str(MODEL_DIR), "--preset", "lfm2-350m", "--corpus", str(corpus)])
-    return MODEL_DIR
+def checkpoint(preset: str = "lfm2-350m") -> Path:
+    """An LFM2 preset with random weights, built once under work/gguf/PRESET (MODEL_DIR for lfm2-350m):
+    `edge init --preset PRESET` with the tokenizer trained to the preset's full 65536 tokens on the Python
+    standard library's source (the default corpus is too small for that many)."""
+    model_dir = WORK / "gguf" / preset
+    if (model_dir / "tokenizer.json").exists() and (model_dir / "model.safetensors").exists():
+        return model_dir
+    corpus = model_dir.parent / "corpus.txt"
+    if not corpus.exists():
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("\n".join(p.read_text(errors="replace") for p in files))
+    run_child([*EDGE, "init", str(model_dir), "--preset", preset, "--corpus", str(corpus)])
+    return model_dir
 
 
 def tiny_checkpoint(directory: Path) -> Path:

@@ -1,18 +1,23 @@
 """One model in every format, side by side: ours vs each peer, each at its best harness, plus the roofline.
 
-    python -m benchmarks.compare [-t 2] [-p 256] [-n 64] [-r 5] [--harness search|fixed] [--depth 4096]
-                                 [--depth-gen 32] [--depth-reps 2] [--skip-depth] [--no-peers] [--tiny]
+    python -m benchmarks.compare [--preset lfm2-350m|lfm2-700m|lfm2-1.2b] [-t 2] [-p 256] [-n 64] [-r 5]
+                                 [--harness search|fixed] [--depth 4096] [--depth-gen 32] [--depth-reps 2]
+                                 [--skip-depth] [--depth-only] [--no-peers] [--export-only] [--tiny]
 
-1. The lfm2-350m preset with random weights (benchmarks.common.checkpoint: tokenizer trained to the full
-   65536 entries), built once under benchmarks/work/gguf/lfm2-350m.
-2. Exports (each once, in a child process, under benchmarks/work/compare/, max_seq_len covering the
-   depth test) at comparable bit widths: GGUF q4_0 and q8_0, ExecuTorch 8da4w (fp32 and int8 KV),
-   ONNX int4 (fp32 and int8 KV); the GGUF KV type is picked at load (f16 / q8_0 / q4_0). The peers'
-   artifacts (benchmarks.peers): ExecuTorch's own export_llama .pte and onnxruntime-genai's builder
-   model, shared with benchmarks.bench_executorch / bench_onnx.
-3. Side by side, interleaved A B A B per repetition with runtime.bench (llama-bench method): ours
-   (runtime.load) and the peers wrapped as Sessions (benchmarks.peers): llama.cpp's plain C API on the
-   same q4_0 GGUF, export_llama's .pte through executorch.runtime, onnxruntime-genai's Generator, and
+1. The preset (default lfm2-350m) with random weights (benchmarks.common.checkpoint: tokenizer trained to
+   the full 65536 entries), built once under benchmarks/work/gguf/PRESET.
+2. Exports (each once, in a child process, under benchmarks/work/compare/ for lfm2-350m and
+   benchmarks/work/compare-PRESET/ otherwise, max_seq_len covering the depth test) at comparable bit
+   widths: GGUF q4_0 and q8_0, ExecuTorch 8da4w (fp32 and int8 KV), ONNX int4 (fp32 and int8 KV); the GGUF
+   KV type is picked at load (f16 / q8_0 / q4_0). The peers' artifacts (benchmarks.peers), in the same
+   folder and at the same context: ExecuTorch's own `export_llama --model lfm2_350m|lfm2_700m|lfm2_1_2b`
+   .pte with its fp32 KV cache and with `--quantize_kv_cache` (int8), and onnxruntime-genai's builder
+   model (`-p int4 -e cpu`) with its fp32 KV cache and with its int8 one
+   (`kv_cache_quant_scheme=int8_per_channel`, calibrated scales: benchmarks.peers.build_genai_int8kv).
+   `--export-only` builds all of these and measures nothing (with --skip-depth, only the depth-0 set).
+3. Side by side at depth 0, interleaved A B A B per repetition with runtime.bench (llama-bench method):
+   ours (runtime.load) and the peers wrapped as Sessions (benchmarks.peers): llama.cpp's plain C API on
+   the same q4_0 GGUF, export_llama's .pte through executorch.runtime, onnxruntime-genai's Generator, and
    Hugging Face transformers' fp32 Lfm2ForCausalLM. `--harness search` (default) runs every system under
    each plausible harness setting (threads -t vs the engine's default; for ExecuTorch, ours and theirs,
    torch's pool held at one thread around `execute` or not, and the threadpool sized to -t or left at
@@ -22,10 +27,17 @@
 4. Roofline: read bandwidth measured here (numpy sum over 1 GiB, best of 5, 1 and 2 threads), bytes per
    decoded token ≈ the artifact's bytes (every weight is read once per token; with tied embeddings the
    LM head reads the whole table) + its KV bytes; ceiling = bandwidth / bytes, and % achieved.
-5. Depth test (ours): decode after `--depth` tokens of context, each engine with its unquantized and its
-   quantized KV cache: KV bytes ratio and decode speed ratio.
+5. Depth test: decode (tg`--depth-gen`) after `--depth` tokens of context (refilled untimed before each
+   repetition), one interleaved run of every system with each KV cache it offers, under the same harness
+   settings as step 3: ours (q4_0.gguf with f16 / q8_0 / q4_0, 8da4w.pte / 8da4w-int8kv.pte, int4.onnx /
+   int4-int8kv.onnx) against each peer at its long-context settings (llama.cpp C API with f16 and q8_0 K
+   and V caches, q8_0 with flash attention on; export_llama fp32 and int8 KV; the genai builder fp32 and
+   int8 KV; transformers left out: fp32 eager at depth 4096 would dominate the run's time). The JSON's
+   depth.summary.tg gives best of ours, best peer and their ratio; depth.kv_ratios each system's quantized
+   against its unquantized cache (KV bytes, decode speed).
 
-Writes benchmarks/results/compare.json and compare.png (`--out NAME` for NAME.json / NAME.png).
+Writes benchmarks/results/NAME.json and NAME.png, NAME `compare` for lfm2-350m and `compare-700m` /
+`compare-1.2b` for the others (`--out NAME`); `--depth-only` writes NAME_depth.json.
 The machine is shared: quote medians and ratios of one run.
 """
 from __future__ import annotations
@@ -39,22 +51,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import peers
 from benchmarks.common import EDGE, ROOT, add_protocol_options, checkpoint, run_child, tiny_checkpoint
 from benchmarks.common import RESULTS as RESULTS_ROOT
 from benchmarks.common import WORK as WORK_ROOT
 from benchmarks.peers import Candidate, harness_text, threads_label
-from edge.config import HybridConfig
+from edge.config import PRESETS, HybridConfig
 from edge.files import write_json
 from runtime import load
 from runtime.bench import bench_interleaved, cpu_info, format_table, read_bandwidth
 
-WORK = WORK_ROOT / "compare"
+WORK = WORK_ROOT / "compare"  # set per preset by main()
 RESULTS = RESULTS_ROOT
-STOCK_PTE = WORK_ROOT / "executorch" / "et-lfm2_350m-8da4w.pte"  # shared with benchmarks.bench_executorch
-GENAI = WORK_ROOT / "onnx" / "genai-int4"                         # shared with benchmarks.bench_onnx
+PRESET = "lfm2-350m"
 
 # name -> export arguments (format, quant, kv cache, extra flags)
 EXPORTS = {
@@ -64,11 +73,18 @@ EXPORTS = {
                                                   "--prefill-chunk", "256"]),
     "8da4w-int8kv.pte": ("executorch", "8da4w", "int8", ["--embedding-quant", "int4", "--group-size", "32",
                                                          "--prefill-chunk", "256"]),
-    "int4.onnx": ("onnx", "int4", "fp32", []),  # the default block 128 (4.28 bits per weight)
+    "int4.onnx": ("onnx", "int4", "fp32", []),  # its default block (export/onnx.py)
     "int4-int8kv.onnx": ("onnx", "int4", "int8", []),
 }
+# the peers' own artifacts: name -> KV cache (built by export_peers in the same folder)
+PEER_ARTIFACTS = {"et-8da4w.pte": "fp32", "et-8da4w-int8kv.pte": "int8", "genai-int4": "fp32",
+                  "genai-int4-int8kv": "int8"}
 ANCHOR = "peer: llama.cpp C API q4_0"  # measured in both processes when the ExecuTorch pool needs a second one
 OURS = ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx")  # the side-by-side set, where exported
+# the depth test: (artifact, KV cache) of ours; the first of each engine is its unquantized cache
+DEPTH_OURS = [("q4_0.gguf", "f16"), ("q4_0.gguf", "q8_0"), ("q4_0.gguf", "q4_0"), ("8da4w.pte", "fp32"),
+              ("8da4w-int8kv.pte", "int8"), ("int4.onnx", "fp32"), ("int4-int8kv.onnx", "int8")]
+DEPTH_0_EXPORTS = (*OURS, "et-8da4w.pte", "genai-int4")  # what --skip-depth needs
 
 ARTIFACTS: dict[str, Path] = {}  # name -> path: WORK / name unless --use NAME=PATH points elsewhere
 
@@ -77,10 +93,17 @@ def artifact(name: str) -> Path:
     return ARTIFACTS.get(name, WORK / name)
 
 
+def results_name(preset: str) -> str:
+    """`compare` for lfm2-350m (and the tiny smoke run), so earlier files keep their meaning."""
+    return "compare" if preset in ("lfm2-350m", "tiny") else f"compare-{preset.removeprefix('lfm2-')}"
+
+
 def export_all(model_dir: Path, max_seq_len: int, names=EXPORTS) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name in names:
+        if name not in EXPORTS:
+            continue
         fmt, quant, kv, flags = EXPORTS[name]
         out = artifact(name)
         if out.exists():
@@ -91,18 +114,28 @@ def export_all(model_dir: Path, max_seq_len: int, names=EXPORTS) -> dict:
     return stats
 
 
-def export_peers(model_dir: Path) -> dict:
-    """The peers' own artifacts, built where missing; a peer whose toolchain is absent is left out."""
+def export_peers(model_dir: Path, max_seq_len: int, names=PEER_ARTIFACTS) -> dict:
+    """The peers' own artifacts at the same context as ours, built where missing (the genai int8 model
+    after its fp32 one, whose KV it calibrates on); a peer whose toolchain is absent or fails is left out."""
+    model = peers.EXPORT_LLAMA_MODELS[PRESET]
+    builds = {
+        "et-8da4w.pte": lambda out: peers.export_stock_pte(model_dir, out, model, peers.export_llama_flags(max_seq_len)),
+        "et-8da4w-int8kv.pte": lambda out: peers.export_stock_pte(model_dir, out, model,
+                                                                  peers.export_llama_flags(max_seq_len, True)),
+        "genai-int4": lambda out: peers.build_genai(model_dir, out),
+        "genai-int4-int8kv": lambda out: peers.build_genai_int8kv(model_dir, out, artifact("genai-int4")),
+    }
+    has_genai = importlib.util.find_spec("onnxruntime_genai") is not None
     stats = {}
-    builds = [("export_llama", STOCK_PTE, peers.export_stock_pte)]
-    if importlib.util.find_spec("onnxruntime_genai") is not None:
-        builds.append(("genai_builder", GENAI, peers.build_genai))
-    for name, out, build in builds:
-        if out.exists():
+    for name in names:
+        out = artifact(name)
+        if name not in builds or out.exists() or (name.startswith("genai") and not has_genai):
             continue
-        print(f"building {out.name} with {name} ...", flush=True)
+        if name == "genai-int4-int8kv" and not artifact("genai-int4").exists():
+            continue
+        print(f"building the peer's {name} ...", flush=True)
         try:
-            stats[name] = build(model_dir, out)
+            stats[name] = builds[name](out)
         except SystemExit as e:  # run_child's failure: the comparison goes on without this peer
             print(f"note: {e}; that peer is skipped")
     return stats
@@ -117,11 +150,13 @@ def process_defaults() -> dict:
             "llama.cpp C API": peers.default_c_api_threads(), "ours llama.cpp": max((os.cpu_count() or 2) // 2, 1)}
 
 
-def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool: str) -> list[Candidate]:
+def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool: str,
+               depth: bool = False) -> list[Candidate]:
     """Ours and each peer under each harness setting; the first setting of each is `--harness fixed`'s.
 
     et_pool "threads": ExecuTorch's threadpool sized to -t; "default": left at its size (another process:
-    the pool is process-wide and cannot be resized once a method is loaded)."""
+    the pool is process-wide and cannot be resized once a method is loaded). depth: the depth test's set,
+    every system with each of its KV caches, its name ending in "kv TYPE"."""
     t = args.threads
     fixed = args.harness == "fixed"
     et_threads = t if et_pool == "threads" else None
@@ -130,47 +165,58 @@ def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool:
     def settings(values):
         return values[:1] if fixed else values
 
+    def named(system, kv):
+        return f"{system} kv {kv}" if depth else system
+
+    def held(session_open, hold):  # the torch-thread hold around ExecuTorch's execute, on or off
+        return lambda: peers.Harnessed(session_open(), lambda: peers.torch_thread_hold(hold == "on"))
+
     out = []
-    for name in OURS:
+    for name, kv in DEPTH_OURS if depth else [(n, None) for n in OURS]:
         path = artifact(name)
         if not path.exists():
             continue
         if name.endswith(".pte"):
             for hold in settings(["on", "off"]):
-                out.append(Candidate(f"ours: executorch {name}", {"pool": pool, "torch hold": hold},
-                                     lambda p=path, h=hold: peers.Harnessed(
-                                         load(p, n_threads=et_threads), lambda: peers.torch_thread_hold(h == "on"))))
+                out.append(Candidate(named(f"ours: executorch {name}", kv), {"pool": pool, "torch hold": hold},
+                                     held(lambda p=path: load(p, n_threads=et_threads), hold)))
             continue
         default = defaults["ours llama.cpp"] if name.endswith(".gguf") else None  # None: ORT's own default
         engine = "llamacpp" if name.endswith(".gguf") else "onnxruntime"
+        options = {"kv_cache": kv} if kv and name.endswith(".gguf") else {}
         for n in settings(peers.thread_settings(t, default)):
-            out.append(Candidate(f"ours: {engine} {name}", {"threads": threads_label(n, default)},
-                                 lambda p=path, n=n: load(p, n_threads=n)))
+            out.append(Candidate(named(f"ours: {engine} {name}", kv), {"threads": threads_label(n, default)},
+                                 lambda p=path, n=n, o=options: load(p, n_threads=n, **o)))
     if args.no_peers:
         return out
     q4 = artifact("q4_0.gguf")
     if q4.exists():
         default = defaults["llama.cpp C API"]
-        for n in settings(peers.thread_settings(t, default)):
-            out.append(Candidate(ANCHOR, {"threads": threads_label(n, default)},
-                                 lambda n=n: peers.RawLlamaSession(q4, n, max_seq_len)))
+        for kv in ("f16", "q8_0") if depth else ("f16",):
+            for n in settings(peers.thread_settings(t, default)):
+                out.append(Candidate(named(ANCHOR, kv), {"threads": threads_label(n, default)},
+                                     lambda n=n, kv=kv: peers.RawLlamaSession(q4, n, max_seq_len, kv)))
     config = HybridConfig.load(model_dir)
-    if STOCK_PTE.exists():
+    for name in ("et-8da4w.pte", "et-8da4w-int8kv.pte") if depth else ("et-8da4w.pte",):
+        path, kv = artifact(name), PEER_ARTIFACTS[name]
+        if not path.exists():
+            print(f"note: {path} missing; ExecuTorch's own export with {kv} KV skipped")
+            continue
         for hold in settings(["on", "off"]):
-            out.append(Candidate("peer: executorch export_llama 8da4w", {"pool": pool, "torch hold": hold},
-                                 lambda h=hold: peers.Harnessed(peers.StockPteSession(STOCK_PTE, config, et_threads),
-                                                                lambda: peers.torch_thread_hold(h == "on"))))
-    else:
-        print(f"note: {STOCK_PTE} missing; ExecuTorch's own export skipped")
-    if GENAI.exists() and importlib.util.find_spec("onnxruntime_genai") is not None:
+            out.append(Candidate(named("peer: executorch export_llama 8da4w", kv), {"pool": pool, "torch hold": hold},
+                                 held(lambda p=path, kv=kv: peers.StockPteSession(p, config, et_threads, kv), hold)))
+    for name in ("genai-int4", "genai-int4-int8kv") if depth else ("genai-int4",):
+        path, kv = artifact(name), PEER_ARTIFACTS[name]
+        if not path.exists() or importlib.util.find_spec("onnxruntime_genai") is None:
+            print(f"note: {path} or onnxruntime_genai missing (pip install -e '.[bench]'); its builder model skipped")
+            continue
         for n in settings(peers.thread_settings(t, None)):
             for loop in settings(["append", "generate"]):
-                out.append(Candidate("peer: onnxruntime-genai int4", {"threads": threads_label(n, None), "loop": loop},
-                                     lambda n=n, loop=loop: peers.GenaiSession(GENAI, model_dir, n,
-                                                                               min(max_seq_len, 4096), loop)))
-    else:
-        print(f"note: {GENAI} or onnxruntime_genai missing (pip install -e '.[bench]'); its builder model skipped")
-    if importlib.util.find_spec("transformers") is not None:
+                out.append(Candidate(named("peer: onnxruntime-genai int4", kv),
+                                     {"threads": threads_label(n, None), "loop": loop},
+                                     lambda p=path, n=n, loop=loop: peers.GenaiSession(p, model_dir, n, max_seq_len,
+                                                                                       loop)))
+    if not depth and importlib.util.find_spec("transformers") is not None:
         default = defaults["torch"]
         for attention in settings(["eager", "sdpa"]):
             for n in settings(peers.thread_settings(t, default)):
@@ -180,9 +226,11 @@ def candidates(model_dir: Path, args, max_seq_len: int, defaults: dict, et_pool:
     return out
 
 
-def run_candidates(cands: list[Candidate], args) -> list[dict]:
-    records = bench_interleaved([(c.label, c.open) for c in cands], n_prompt=args.n_prompt, n_gen=args.n_gen,
-                                repetitions=args.repetitions)
+def run_candidates(cands: list[Candidate], args, depth: bool = False) -> list[dict]:
+    """One interleaved run: depth 0 pp`-p` and tg`-n`, or the depth test's tg`--depth-gen` at `--depth`."""
+    test = (dict(n_prompt=0, n_gen=args.depth_gen, depth=args.depth, repetitions=args.depth_reps) if depth else
+            dict(n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions))
+    records = bench_interleaved([(c.label, c.open) for c in cands], **test)
     by_label = {c.label: c for c in cands}
     for r in records:
         c = by_label[r["label"]]
@@ -190,14 +238,16 @@ def run_candidates(cands: list[Candidate], args) -> list[dict]:
     return records
 
 
-def default_pool_in_child(args, defaults: dict) -> dict:
+def default_pool_in_child(args, depth: bool = False) -> list[dict]:
     """The ExecuTorch systems with the threadpool at its default size, in a child process (the pool cannot
     change size under a loaded method), next to llama.cpp's C API at -t as an anchor across processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
         cmd = [sys.executable, "-m", "benchmarks.compare", "--et-pool", "default", "--records-only", str(out),
-               "-t", str(args.threads), "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions),
-               "--harness", args.harness, "--skip-export", "--skip-depth"]
+               "--preset", args.preset, "-t", str(args.threads), "-p", str(args.n_prompt), "-n", str(args.n_gen),
+               "-r", str(args.repetitions), "--harness", args.harness, "--skip-export", "--depth", str(args.depth),
+               "--depth-gen", str(args.depth_gen), "--depth-reps", str(args.depth_reps),
+               "--depth-only" if depth else "--skip-depth"]
         cmd += ["--tiny"] if args.tiny else []
         cmd += [f"--use={k}={v}" for k, v in ARTIFACTS.items()]
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -205,9 +255,32 @@ def default_pool_in_child(args, defaults: dict) -> dict:
 
 
 def anchor_tg(records: list[dict], threads: int) -> float | None:
-    """The tg median of llama.cpp's C API at -t threads: the same system measured in both processes."""
-    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] == ANCHOR
+    """The tg median of llama.cpp's C API (f16 KV) at -t threads: the same system measured in both processes."""
+    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] in (ANCHOR, f"{ANCHOR} kv f16")
                  and r["harness"]["threads"] == str(threads)), None)
+
+
+def measure(model_dir: Path, args, max_seq_len: int, defaults: dict, depth: bool = False) -> dict:
+    """One interleaved run of every candidate (plus, under --harness search, ExecuTorch's default-size
+    pool in a child process); its records and each system at its best harness."""
+    out = {}
+    records = run_candidates(candidates(model_dir, args, max_seq_len, defaults, "threads", depth), args, depth)
+    if args.harness == "search" and defaults["executorch_pool"] != args.threads:
+        print(f"ExecuTorch's threadpool at its default size ({defaults['executorch_pool']}), in a child process ...",
+              flush=True)
+        child = default_pool_in_child(args, depth)
+        out["default_pool_process"] = {
+            "note": "ExecuTorch's pool cannot be resized under a loaded method, so its default size ran in a "
+                    "second process; the llama.cpp C API anchor's tg median in each shows the drift between them",
+            "anchor_tg_median_ts": {"this process": anchor_tg(records, args.threads),
+                                    "default-pool process": anchor_tg(child, args.threads)}}
+        records += [r for r in child if "executorch" in r["system"]]
+    print(format_table(records))
+    out["records"] = records
+    out["harness_search"] = best_per_system(records)
+    print_harness(out["harness_search"])
+    print_best(out["harness_search"])
+    return out
 
 
 def best_per_system(records: list[dict]) -> dict:
@@ -309,15 +382,49 @@ def print_best(search: dict) -> None:
         print(f"  {system:<{width}}  " + "   ".join(cells))
 
 
+def kv_ratios(search: dict, records: list[dict]) -> dict:
+    """Each depth-test system's quantized KV cache against the same system's unquantized one (the first
+    listed, f16 or fp32), each at its best tg harness: KV bytes ratio and decode speed ratio."""
+    by_label = {r["label"]: r for r in records}
+    best = {s: by_label[e["best"]["tg"]["label"]] for s, e in search.items() if "tg" in e["best"]}
+    families: dict[str, list[str]] = {}
+    for system in best:
+        families.setdefault(system.rsplit(" kv ", 1)[0], []).append(system)
+    out = {}
+    for family, systems in families.items():
+        base = best[systems[0]]
+        for system in systems[1:]:
+            r = best[system]
+            ratio = {"kv_bytes_ratio": r["kv_cache_bytes"] / base["kv_cache_bytes"],
+                     "decode_speed_ratio": r["median_ts"] / base["median_ts"]}
+            out[f"{family}: kv {r['kv_cache']} vs {base['kv_cache']}"] = ratio
+            print(f"  {family}: KV {r['kv_cache']} holds {ratio['kv_bytes_ratio']:.2f}x the bytes of "
+                  f"{base['kv_cache']}, decodes at {ratio['decode_speed_ratio']:.2f}x its speed")
+    return out
+
+
+def depth_test(model_dir: Path, args, max_seq_len: int, defaults: dict) -> dict:
+    """Decode at `--depth`: every system with each of its KV caches, each under its harness settings, one
+    interleaved run; best of ours against the best peer, and each system's quantized-KV ratios."""
+    print(f"depth test: tg{args.depth_gen} @ d{args.depth}, {args.depth_reps} repetitions", flush=True)
+    out = measure(model_dir, args, max_seq_len, defaults, depth=True)
+    out["test"] = {"depth": args.depth, "n_gen": args.depth_gen, "repetitions": args.depth_reps}
+    out["summary"] = summarize(out["harness_search"])
+    out["kv_ratios"] = kv_ratios(out["harness_search"], out["records"])
+    return out
+
+
 # ---- main --------------------------------------------------------------------------------------
 def main():
-    global WORK, RESULTS, STOCK_PTE, GENAI
+    global WORK, RESULTS, PRESET
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_protocol_options(p)
+    p.add_argument("--preset", choices=[n for n in PRESETS if n != "tiny"], default="lfm2-350m",
+                   help="the model measured (default lfm2-350m; --tiny for the smoke run)")
     p.add_argument("--harness", choices=("search", "fixed"), default="search",
                    help="search: every plausible harness setting per system, reporting the best (default); "
                         "fixed: -t threads, torch's pool held around execute, token-by-token feeding only")
-    p.add_argument("--depth", type=int, default=4096, help="context of the quantized-KV decode test")
+    p.add_argument("--depth", type=int, default=4096, help="context of the depth test (default 4096)")
     p.add_argument("--depth-gen", type=int, default=32, help="decoded tokens at that depth")
     p.add_argument("--depth-reps", type=int, default=2)
     p.add_argument("--skip-depth", action="store_true", help="no depth test; the JSON keeps the last one measured")
@@ -325,74 +432,67 @@ def main():
     p.add_argument("--export-only", action="store_true", help="build the checkpoint and artifacts, measure nothing")
     p.add_argument("--tiny", action="store_true", help="smoke-test this script on the tiny preset (minutes)")
     p.add_argument("--use", action="append", default=[], metavar="NAME=PATH",
-                   help=f"take artifact NAME ({', '.join(EXPORTS)}) from PATH instead of exporting it")
+                   help=f"take artifact NAME ({', '.join([*EXPORTS, *PEER_ARTIFACTS])}) from PATH instead of "
+                        f"building it")
     p.add_argument("--skip-export", action="store_true", help="measure only the artifacts that exist")
-    p.add_argument("--depth-only", action="store_true", help="only the depth test, written to compare_depth.json")
-    p.add_argument("--out", default="compare", help="results name: benchmarks/results/NAME.json and NAME.png")
+    p.add_argument("--depth-only", action="store_true", help="only the depth test, written to NAME_depth.json")
+    p.add_argument("--out", help="results name: benchmarks/results/NAME.json and NAME.png (default compare for "
+                                 "lfm2-350m, compare-700m / compare-1.2b for the others)")
     p.add_argument("--et-pool", choices=("threads", "default"), default="threads", help=argparse.SUPPRESS)
     p.add_argument("--records-only", type=Path, help=argparse.SUPPRESS)  # the child of default_pool_in_child
     args = p.parse_args()
     for item in args.use:
         name, _, path = item.partition("=")
-        if name not in EXPORTS or not Path(path).exists():
-            p.error(f"--use {item}: NAME must be one of {', '.join(EXPORTS)} and PATH must exist")
+        if name not in (*EXPORTS, *PEER_ARTIFACTS) or not Path(path).exists():
+            p.error(f"--use {item}: NAME must be one of {', '.join([*EXPORTS, *PEER_ARTIFACTS])} and PATH must exist")
         ARTIFACTS[name] = Path(path)
 
     defaults = process_defaults()  # before any ExecuTorch method sizes the pool
+    PRESET = "tiny" if args.tiny else args.preset
     if args.tiny:  # its own work dir and results; the peers' artifacts built for the tiny model too
-        WORK, RESULTS = WORK.with_name("compare-tiny"), RESULTS / "tiny"
-        STOCK_PTE, GENAI = WORK / "et-tiny-8da4w.pte", WORK / "genai-int4"
+        WORK, RESULTS = WORK_ROOT / "compare-tiny", RESULTS_ROOT / "tiny"
         model_dir = tiny_checkpoint(WORK / "tiny")
     else:
-        model_dir = checkpoint()
+        WORK = WORK_ROOT / ("compare" if PRESET == "lfm2-350m" else f"compare-{PRESET}")
+        model_dir = checkpoint(PRESET)
+    name = args.out or results_name(PRESET)
     # one export serves every run: room for the default depth test unless a deeper one is asked for
-    max_seq_len = max(args.depth + max(args.n_prompt, args.n_gen) + 64, 4608)
+    max_seq_len = max(args.depth + max(args.n_prompt, args.n_gen, args.depth_gen + 1) + 64, 4608)
     exports = {}
     if not args.skip_export:
-        exports = export_all(model_dir, max_seq_len)
+        needed = DEPTH_0_EXPORTS if args.skip_depth else (*EXPORTS, *PEER_ARTIFACTS)
+        exports = export_all(model_dir, max_seq_len, [n for n in needed if n in EXPORTS])
         if not args.no_peers:
-            exports |= export_peers(model_dir)
+            exports |= export_peers(model_dir, max_seq_len, [n for n in needed if n in PEER_ARTIFACTS])
     if args.export_only:
         return
     if args.records_only:  # the default-pool child: ExecuTorch systems and the anchor, records to a file
         args.no_peers = False
-        cands = [c for c in candidates(model_dir, args, max_seq_len, defaults, "default")
-                 if "executorch" in c.system or (c.system == ANCHOR and c.harness["threads"] == str(args.threads))]
-        write_json(args.records_only, run_candidates(cands, args))
+        depth = args.depth_only
+        cands = [c for c in candidates(model_dir, args, max_seq_len, defaults, "default", depth)
+                 if "executorch" in c.system or (c.system in (ANCHOR, f"{ANCHOR} kv f16")
+                                                 and c.harness["threads"] == str(args.threads))]
+        write_json(args.records_only, run_candidates(cands, args, depth))
         return
-    result = {"command": " ".join(sys.argv), "machine": cpu_info(), "load_average_1_5_15": os.getloadavg(),
-              "harness": args.harness, "process_defaults": defaults, "exports": exports}
+    result = {"command": " ".join(sys.argv), "preset": PRESET, "checkpoint": str(model_dir), "machine": cpu_info(),
+              "load_average_1_5_15": os.getloadavg(), "harness": args.harness, "process_defaults": defaults,
+              "exports": exports, "max_seq_len": max_seq_len,
+              "artifacts": {n: str(artifact(n)) for n in [*EXPORTS, *PEER_ARTIFACTS] if artifact(n).exists()},
+              "export_llama_model": peers.EXPORT_LLAMA_MODELS[PRESET],
+              "genai_int8_kv": f"kv_cache_quant_scheme={peers.GENAI_KV_SCHEME} (benchmarks.peers.build_genai_int8kv)"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
 
     if args.depth_only:
-        result["depth"] = depth_test(args, max_seq_len)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        write_json(RESULTS / "compare_depth.json", result)
-        print(f"wrote {RESULTS / 'compare_depth.json'}")
+        result["depth"] = depth_test(model_dir, args, max_seq_len, defaults)
+        write_json(RESULTS / f"{name}_depth.json", result)
+        print(f"wrote {RESULTS / f'{name}_depth.json'}")
         return
 
     print("measuring memory read bandwidth ...", flush=True)
     bw = read_bandwidth()
     result["bandwidth"] = bw
-
-    result["artifacts"] = {name: str(artifact(name)) for name in EXPORTS if artifact(name).exists()}
-    result["peer_artifacts"] = {"export_llama": str(STOCK_PTE), "genai": str(GENAI)}
-    records = run_candidates(candidates(model_dir, args, max_seq_len, defaults, "threads"), args)
-    if args.harness == "search" and defaults["executorch_pool"] != args.threads:
-        print(f"ExecuTorch's threadpool at its default size ({defaults['executorch_pool']}), in a child process ...",
-              flush=True)
-        child = default_pool_in_child(args, defaults)
-        result["default_pool_process"] = {
-            "note": "ExecuTorch's pool cannot be resized under a loaded method, so its default size ran in a "
-                    "second process; the llama.cpp C API anchor's tg median in each shows the drift between them",
-            "anchor_tg_median_ts": {"this process": anchor_tg(records, args.threads),
-                                    "default-pool process": anchor_tg(child, args.threads)}}
-        records += [r for r in child if "executorch" in r["system"]]
-    print(format_table(records))
-    result["records"] = records
-    search = best_per_system(records)
-    result["harness_search"] = search
-    print_harness(search)
-    print_best(search)
+    result |= measure(model_dir, args, max_seq_len, defaults)
+    search, records = result["harness_search"], result["records"]
     result["roofline"] = roofline(search, records, max(bw.values()))
     print(f"\nroofline: read bandwidth {bw['1_thread_gbs']:.1f} GB/s (1 thread), {bw['2_threads_gbs']:.1f} GB/s "
           f"(2 threads); decode ceiling = bandwidth / (artifact bytes + KV bytes)")
@@ -401,63 +501,17 @@ def main():
               f" t/s  achieved {row['median_ts']:7.1f} t/s ({100 * row['fraction_of_ceiling']:.0f}%)")
     result["summary"] = summarize(search)
 
-    out = RESULTS / f"{args.out}.json"
+    out = RESULTS / f"{name}.json"
+    plot(search, out.with_suffix(".png"), f"{PRESET} (random weights), {args.threads} threads, {records[0]['cpu']}")
     if not args.skip_depth:
-        result["depth"] = depth_test(args, max_seq_len)
+        write_json(out, result)  # depth 0 is kept should the depth test fail
+        result["depth"] = depth_test(model_dir, args, max_seq_len, defaults)
     elif out.exists():  # keep the last measured depth test, marked as such
         previous = json.loads(out.read_text())
         if "depth" in previous:
             result["depth"] = previous["depth"] | {"from_run": previous.get("command", "an earlier run")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    plot(search, out.with_suffix(".png"), f"{'tiny' if args.tiny else 'lfm2-350m'} (random weights), "
-         f"{args.threads} threads, {records[0]['cpu']}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
-
-
-def depth_test(args, max_seq_len: int) -> dict:
-    """Decode at `--depth` with each engine's unquantized and quantized KV cache."""
-    pairs = {
-        "llamacpp": [("q4_0.gguf", {"kv_cache": "f16"}), ("q4_0.gguf", {"kv_cache": "q8_0"}),
-                     ("q4_0.gguf", {"kv_cache": "q4_0"})],
-        "executorch": [("8da4w.pte", {}), ("8da4w-int8kv.pte", {})],
-        "onnxruntime": [("int4.onnx", {}), ("int4-int8kv.onnx", {})],
-    }
-    openers = []
-    need = args.depth + args.depth_gen + 1
-    for engine, variants in list(pairs.items()):
-        usable = []
-        for name, options in variants:
-            path = artifact(name)
-            if path.exists():
-                session = load(path, n_threads=args.threads, **options)
-                if session.max_seq_len >= need:
-                    usable.append((name, options))
-                session.close()
-        if len(usable) < 2:
-            print(f"note: depth test of {engine} skipped: it needs two of {[n for n, _ in variants]} "
-                  f"exported with max_seq_len >= {need}")
-            del pairs[engine]
-            continue
-        pairs[engine] = usable
-        for name, options in usable:
-            openers.append((f"{name} {options}", lambda n=name, o=options: load(artifact(n), n_threads=args.threads,
-                                                                               **o)))
-    print(f"depth test: tg{args.depth_gen} @ d{args.depth}, {args.depth_reps} repetitions", flush=True)
-    records = bench_interleaved(openers, n_prompt=0, n_gen=args.depth_gen, depth=args.depth,
-                                repetitions=args.depth_reps)
-    print(format_table(records))
-    out = {"records": records, "ratios": {}}
-    for engine in pairs:
-        rows = [r for r in records if r["engine"] == engine]
-        base = rows[0]
-        for r in rows[1:]:
-            ratio = {"kv_bytes_ratio": r["kv_cache_bytes"] / base["kv_cache_bytes"],
-                     "decode_speed_ratio": r["median_ts"] / base["median_ts"]}
-            out["ratios"][f"{engine} {r['kv_cache']} vs {base['kv_cache']}"] = ratio
-            print(f"  {engine}: KV {r['kv_cache']} holds {ratio['kv_bytes_ratio']:.2f}x the bytes of "
-                  f"{base['kv_cache']}, decodes at {ratio['decode_speed_ratio']:.2f}x its speed")
-    return out
 
 
 if __name__ == "__main__":

@@ -185,3 +185,54 @@ def test_llama_c_api_peer_times_like_ours(tiny_artifact):
         check_record(r, reps=2)
     assert records[2]["engine"] == "llama.cpp (C API)" and records[2]["n_threads"] == 1
     assert records[0]["kv_cache_bytes"] == records[2]["kv_cache_bytes"]
+
+
+def test_depth_test_reports_each_quantized_cache_against_its_own_unquantized_one():
+    from benchmarks.compare import best_per_system, kv_ratios
+
+    def rec(system, threads, ts, kv, kv_bytes):
+        return dict(system=system, harness={"threads": threads}, ours=system.startswith("ours"), n_prompt=0, n_gen=8,
+                    label=f"{system} [{threads}]", median_ts=ts, kv_cache=kv, kv_cache_bytes=kv_bytes)
+
+    records = [rec("ours: llamacpp q4_0.gguf kv f16", "2", 10.0, "f16", 1000),
+               rec("ours: llamacpp q4_0.gguf kv q8_0", "2", 15.0, "q8_0", 531),
+               rec("ours: llamacpp q4_0.gguf kv q8_0", "1", 18.0, "q8_0", 531),  # its best harness counts
+               rec("peer: llama.cpp C API q4_0 kv f16", "2", 12.0, "f16", 1000),
+               rec("peer: llama.cpp C API q4_0 kv q8_0", "2", 6.0, "q8_0", 531)]
+    ratios = kv_ratios(best_per_system(records), records)
+    assert ratios == {
+        "ours: llamacpp q4_0.gguf: kv q8_0 vs f16": {"kv_bytes_ratio": 0.531, "decode_speed_ratio": 1.8},
+        "peer: llama.cpp C API q4_0: kv q8_0 vs f16": {"kv_bytes_ratio": 0.531, "decode_speed_ratio": 0.5}}
+
+
+def test_results_and_export_llama_names_per_preset():
+    from benchmarks.compare import results_name
+    from benchmarks.peers import EXPORT_LLAMA_MODELS, export_llama_flags
+    from edge.config import PRESETS
+
+    assert [results_name(p) for p in ("lfm2-350m", "lfm2-700m", "lfm2-1.2b")] == [
+        "compare", "compare-700m", "compare-1.2b"]
+    assert set(EXPORT_LLAMA_MODELS) == set(PRESETS)
+    flags = export_llama_flags(4608, quantize_kv=True)
+    assert "--quantize_kv_cache" in flags and "--use_sdpa_with_kv_cache" in flags and "-kv" in flags
+    assert flags[flags.index("--max_context_length") + 1] == "4608"
+    assert "--quantize_kv_cache" not in export_llama_flags()
+
+
+@pytest.mark.engine("llamacpp")
+def test_llama_c_api_peer_with_a_q8_0_cache(tiny_artifact):
+    """q8_0 K and V through llama_context_params (flash attention on): it runs, and its KV bytes are ours
+    (34 bytes per 32 values)."""
+    from benchmarks.peers import RawLlamaSession
+
+    path = tiny_artifact("gguf")
+    raw = RawLlamaSession(path, 1, 64, "q8_0")
+    ours = runtime.load(path, n_threads=1, max_seq_len=64, kv_cache="q8_0")
+    try:
+        for s in (raw, ours):
+            s.prefill(list(range(1, 17)))
+        assert raw.kv_cache == "q8_0"
+        assert raw.kv_cache_bytes() == ours.kv_cache_bytes() == raw.config.kv_vectors(16) * raw.config.head_dim * 34 // 32
+    finally:
+        raw.close()
+        ours.close()
