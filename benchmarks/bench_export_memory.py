@@ -4,7 +4,8 @@ Each export runs in a fresh child process (`python -m benchmarks.bench_export_me
 peak RSS is its own: the kernel's high-water mark (VmHWM) of the child, which also includes whatever the
 exporter spawns (getrusage(RUSAGE_CHILDREN)). Reported per (checkpoint, format, weights + KV): peak RSS,
 peak RSS / fp32 checkpoint bytes, the peak above the process after its imports (what the export itself
-added), wall time and the artifact's size. The checkpoints are `edge init --preset ...` directories,
+added), wall time, CPU seconds (user + system, the child's and its own children's: a shared machine
+stretches the wall time, not this) and the artifact's size. The checkpoints are `edge init --preset ...` directories,
 made here when missing.
 
     python -m benchmarks.bench_export_memory --models DIR/lfm2-350m DIR/lfm2-1.2b [--formats onnx] \\
@@ -62,11 +63,15 @@ def child(model_dir: str, fmt: str, out: str, quant: str, kv_cache: str | None) 
     if fmt == "executorch":
         importlib.import_module(FORMAT_MODULES[fmt]).load_custom_ops()
     imports_kb = status_kb("VmRSS")
+    cpu_at_start = sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
     started = time.perf_counter()
     export_model(fmt, model_dir, out, quant=quant, kv_cache=kv_cache)
     wall = time.perf_counter() - started
     peak_kb = max(status_kb("VmHWM"), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"peak_rss_kb": peak_kb, "imports_rss_kb": imports_kb, "wall_s": wall}))
+    # CPU seconds beside the wall time: on a shared machine the wall time says more about the neighbours
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime")) - cpu_at_start
+    print(json.dumps({"peak_rss_kb": peak_kb, "imports_rss_kb": imports_kb, "wall_s": wall, "cpu_s": cpu}))
 
 
 def run_case(model_dir: Path, fmt: str, quant: str, kv_cache: str | None, suffix: str, work: Path,
@@ -93,7 +98,8 @@ def run_case(model_dir: Path, fmt: str, quant: str, kv_cache: str | None, suffix
         record.update(rc=0, peak_rss_gb=round(peak / 1e9, 3), ratio=round(peak / ckpt, 3),
                       export_ratio=round((peak - got["imports_rss_kb"] * 1024) / ckpt, 3),
                       imports_rss_gb=round(got["imports_rss_kb"] * 1024 / 1e9, 3),
-                      wall_s=round(got["wall_s"], 1), artifact_bytes=tree_bytes(out))
+                      wall_s=round(got["wall_s"], 1), cpu_s=round(got.get("cpu_s", 0), 1),
+                      artifact_bytes=tree_bytes(out))
     if out.is_dir():
         shutil.rmtree(out, ignore_errors=True)
     else:

@@ -327,28 +327,31 @@ def genai_kv_type(model: Path) -> tuple[int, str]:
 
 
 class TransformersSession(Session):
-    """Hugging Face transformers' Lfm2ForCausalLM in fp32 with its own hybrid cache; torch's pool is set to
-    n_threads (None: torch's default) for each forward and restored after, so other sessions keep theirs."""
+    """Hugging Face transformers' Lfm2ForCausalLM in fp32 with its own hybrid cache. One model per
+    checkpoint serves every variant (at 1.2B a second fp32 copy is 4.7 GB): the attention implementation
+    is switched to this session's (eager or sdpa) and torch's pool set to n_threads (None: torch's
+    default) for each forward, the pool restored after, so other sessions keep theirs."""
     engine = "transformers"
-    _models: dict = {}  # (dir, attention) -> model, shared by the thread variants
+    _models: dict = {}  # dir -> [model, number of open sessions]
 
     def __init__(self, model_dir: Path, n_threads: int | None, max_seq_len: int, attention: str = "eager"):
         import torch
         from transformers import Lfm2ForCausalLM
 
-        self.torch = torch
-        key = (str(model_dir), attention)
-        if key not in self._models:
-            self._models[key] = Lfm2ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
-                                                                attn_implementation=attention).eval()
-        self.model = self._models[key]
+        self.torch, self.attention, self.key = torch, attention, str(model_dir)
+        if self.key not in self._models:
+            self._models[self.key] = [Lfm2ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                                      attn_implementation=attention).eval(), 0]
+        self._models[self.key][1] += 1
+        self.model = self._models[self.key][0]
         self.cache = None
-        self.key = key
         super().__init__(HybridConfig.load(model_dir), None, max_seq_len, n_threads or torch.get_num_threads(),
                          quant="fp32", kv_cache="fp32", path=str(model_dir))
 
     def _forward(self, ids):
         torch = self.torch
+        if self.model.config._attn_implementation != self.attention:
+            self.model.set_attn_implementation(self.attention)
         previous = torch.get_num_threads()
         torch.set_num_threads(self.n_threads)
         try:
@@ -368,7 +371,11 @@ class TransformersSession(Session):
 
     def close(self):
         self.cache = None
-        self._models.pop(self.key, None)
+        entry = self._models.get(self.key)
+        if entry:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._models[self.key]
 
 
 class Harnessed(Session):
