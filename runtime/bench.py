@@ -52,14 +52,22 @@ def current_rss_mb() -> float:
     return now if now is not None else peak_rss_mb()
 
 
+# the instruction sets the engines' int8/int4 kernels dispatch on: "AMD EPYC" names VMs with and without
+# AVX-512, whose figures differ several-fold (benchmarks/RESULTS.md, 2026-11-30), so records carry them
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "sve")
+
+
 def cpu_info() -> dict:
-    """CPU model name, logical cores of the machine, and the cores this process may run on."""
-    model = ""
+    """CPU model name, the ISA_FLAGS it has, logical cores of the machine, and the cores this process may
+    run on."""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and not model:
                 model = line.split(":", 1)[1].strip()
-                break
+            elif key in ("flags", "Features") and not flags:  # x86, arm64
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     if not model:
@@ -67,12 +75,13 @@ def cpu_info() -> dict:
         model = platform.processor() or platform.machine()
     cores = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return {"model": model, "cores": cores, "usable_cores": usable}
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags], "cores": cores, "usable_cores": usable}
 
 
 def cpu_label() -> str:
     info = cpu_info()
-    return f"{info['model']} ({info['cores']} cores)"
+    details = [f"{info['cores']} cores", *info["isa"]]
+    return f"{info['model']} ({', '.join(details)})"
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,8 @@ def test_help_documents_every_option(capsys):
 def test_table_and_machine():
     info = cpu_info()
     assert info["model"] and info["cores"] >= 1
+    if Path("/proc/cpuinfo").exists() and "avx2" in Path("/proc/cpuinfo").read_text():
+        assert "avx2" in info["isa"]
     assert peak_rss_mb() > 10
     record = dict(model_filename="m.gguf", model_size=3 * 2**20, model_n_params=1_500_000, engine="llamacpp",
                   quant="q4_0", kv_cache="q8_0", n_threads=2, test="pp512 @ d4096", avg_ts=100.0, stddev_ts=1.5,
