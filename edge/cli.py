@@ -195,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", help="weight quantization of the measured artifacts (format's names)")
     s.add_argument("--kv-cache", help="KV-cache precision of the measured artifacts")
     s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
-                   help="a constraint: decode_ms=V (ms/token at the budget context), prefill_ms@N=V "
-                   "(ms for N prompt tokens), mem_mb=V (peak RSS); repeatable")
-    s.add_argument("--quality", default="params", help="quality proxy: mqar | lm:FILE | params (default params)")
+                   help="a constraint: decode_ms=V (ms/token at the budget context), decode_ms@DEPTH=V (after "
+                   "DEPTH tokens of context), prefill_ms@N=V (ms for N prompt tokens), mem_mb=V (peak RSS); "
+                   "repeatable")
+    s.add_argument("--quality", default="params", help="quality proxy: params | mqar[:STEPS] | lm:FILE[:STEPS] "
+                   "(default params)")
     s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds")
     s.add_argument("--trials", type=int, default=20, help="total finished trials the study should hold; "
                    "re-running completes the rest (default 20)")
