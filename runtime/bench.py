@@ -53,7 +53,7 @@ def current_rss_mb() -> float:
 
 
 # the instruction sets the engines' int8/int4 kernels dispatch on: "AMD EPYC" names VMs with and without
-# AVX-512, whose figures differ several-fold (benchmarks/RESULTS.md, 2026-11-30), so records carry them
+# AVX-512, and two runs on "AMD EPYC" gave ExecuTorch figures 2-6x apart (benchmarks/RESULTS.md, 2026-11-30)
 ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "sve")
 
 
