@@ -80,6 +80,7 @@ EXPORTS = {
 PEER_ARTIFACTS = {"et-8da4w.pte": "fp32", "et-8da4w-int8kv.pte": "int8", "genai-int4": "fp32",
                   "genai-int4-int8kv": "int8"}
 ANCHOR = "peer: llama.cpp C API q4_0"  # measured in both processes when the ExecuTorch pool needs a second one
+ANCHOR_SYSTEMS = (ANCHOR, f"{ANCHOR} kv f16")  # its name at depth 0 and in the depth test
 OURS = ("q4_0.gguf", "q8_0.gguf", "8da4w-int8kv.pte", "int4.onnx")  # the side-by-side set, where exported
 # the depth test: (artifact, KV cache) of ours; the first of each engine is its unquantized cache
 DEPTH_OURS = [("q4_0.gguf", "f16"), ("q4_0.gguf", "q8_0"), ("q4_0.gguf", "q4_0"), ("8da4w.pte", "fp32"),
@@ -256,7 +257,7 @@ def default_pool_in_child(args, depth: bool = False) -> list[dict]:
 
 def anchor_tg(records: list[dict], threads: int) -> float | None:
     """The tg median of llama.cpp's C API (f16 KV) at -t threads: the same system measured in both processes."""
-    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] in (ANCHOR, f"{ANCHOR} kv f16")
+    return next((r["median_ts"] for r in records if r["n_gen"] and r["system"] in ANCHOR_SYSTEMS
                  and r["harness"]["threads"] == str(threads)), None)
 
 
@@ -470,7 +471,7 @@ def main():
         args.no_peers = False
         depth = args.depth_only
         cands = [c for c in candidates(model_dir, args, max_seq_len, defaults, "default", depth)
-                 if "executorch" in c.system or (c.system in (ANCHOR, f"{ANCHOR} kv f16")
+                 if "executorch" in c.system or (c.system in ANCHOR_SYSTEMS
                                                  and c.harness["threads"] == str(args.threads))]
         write_json(args.records_only, run_candidates(cands, args, depth))
         return

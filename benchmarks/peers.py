@@ -113,9 +113,9 @@ def calibrate_genai_kv(baseline: Path, out: Path, n_seqs: int = 4, seq_len: int 
     sess = ort.InferenceSession(str(baseline / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = {m.name: m for m in sess.get_inputs()}
     layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    decoder = json.loads((baseline / "genai_config.json").read_text())["model"]["decoder"]
-    kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
-    vocab = json.loads((baseline / "genai_config.json").read_text())["model"]["vocab_size"]
+    genai_model = json.loads((baseline / "genai_config.json").read_text())["model"]
+    kv_heads, head_dim = genai_model["decoder"]["num_key_value_heads"], genai_model["decoder"]["head_size"]
+    vocab = genai_model["vocab_size"]
     names = [f"present.{i}.{side}" for side in ("key", "value") for i in layers]
     amax = np.zeros((len(names), kv_heads, head_dim), np.float32)
     rng = np.random.default_rng(0)
