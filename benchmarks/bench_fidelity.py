@@ -64,14 +64,10 @@ SETTINGS = [
     ("gguf", "q5_k_m", {}, "llama.cpp's quantizer", False),
     ("onnx", "fp32", {}, "reference", False),
     ("onnx", "int8", {}, "per-channel 7-bit, fp32 embedding", True),
-    ("onnx", "int4", {"group_size": 128}, "asymmetric; embedding reads the lm_head's 4-bit blocks", True),
-    ("onnx", "int4", {"group_size": 64}, "asymmetric", False),
-    ("onnx", "int4", {"group_size": 32}, "asymmetric", True),
-    ("onnx", "int4", {"group_size": 16}, "asymmetric", True),
-    ("onnx", "int4", {"group_size": 128, "symmetric": True}, "symmetric: not an exporter option, patched here",
-     False),
-    ("onnx", "int4", {"group_size": 32, "symmetric": True}, "symmetric: not an exporter option, patched here",
-     False),
+    ("onnx", "int4", {"group_size": 128}, "symmetric; lm_head 8-bit, the embedding reads its blocks", True),
+    ("onnx", "int4", {"group_size": 64}, "symmetric; lm_head 8-bit", False),
+    ("onnx", "int4", {"group_size": 32}, "symmetric; lm_head 8-bit", True),
+    ("onnx", "int4", {"group_size": 16}, "symmetric; lm_head 8-bit", True),
     # (8da4w group 16 does not lower: XNNPACK needs groups that are multiples of 32)
     ("executorch", "fp32", {}, "reference", False),
     ("executorch", "8da4w", {"group_size": 128}, "symmetric; int8 embedding; lm_head int8 per channel", True),
@@ -116,31 +112,7 @@ def export_setting(fmt: str, quant: str, options: dict, model_dir: Path, out: Pa
         with atomic_path(out) as tmp:
             quantize_with_llamacpp(f32, tmp, LlamaFileType.MOSTLY_Q4_0)
         return out
-    options = dict(options)
-    if options.pop("symmetric", False):
-        with symmetric_int4():
-            return export_model(fmt, model_dir, out, quant=quant, kv_cache=kv, max_seq_len=MAX_SEQ_LEN, **options)
     return export_model(fmt, model_dir, out, quant=quant, kv_cache=kv, max_seq_len=MAX_SEQ_LEN, **options)
-
-
-class symmetric_int4:
-    """ORT's MatMulNBitsQuantizer with is_symmetric=True for the duration (export/onnx.py fixes False)."""
-
-    def __enter__(self):
-        from onnxruntime.quantization import matmul_nbits_quantizer as m
-
-        self.module, self.original = m, m.MatMulNBitsQuantizer
-        original = self.original
-
-        class Symmetric(original):
-            def __init__(self, *args, **kwargs):
-                kwargs["is_symmetric"] = True
-                super().__init__(*args, **kwargs)
-
-        m.MatMulNBitsQuantizer = Symmetric
-
-    def __exit__(self, *exc):
-        self.module.MatMulNBitsQuantizer = self.original
 
 
 def weight_bytes(fmt: str, path: Path) -> int | None:

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "library)")
     s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
     s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w: "
-                   "default 32; onnx int4: default 16, the coarsest meeting the 4-bit bound on random checkpoints; "
-                   "128 is faster (lfm2-350m decode 1.4x block 32's) at mean cos 0.965 there vs 0.983; "
+                   "default 32; onnx int4: default 32, symmetric, with an 8-bit lm_head; 128 is faster at mean "
+                   "cos 0.977 on random checkpoints, under the 4-bit bound's 0.98, vs 0.986; "
                    "benchmarks/results/fidelity.md)")
     s.add_argument("--embedding-quant", help="executorch: quantize the embedding table too (none|int8|int4)")
     s.add_argument("--prefill-chunk", type=int, help="executorch: most tokens one forward call takes "

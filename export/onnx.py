@@ -54,12 +54,14 @@ from edge.tokenizer import tokenizer_json
 from export.genai import SINGLE_FILE_LIMIT, write_model_folder
 from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, present_name, state_names
 
-# int4 block size by default: 16, the coarsest that meets docs/design.md §5's 4-bit bound on a random
-# transformers-made checkpoint, whose lm_head (and the embedding sharing its blocks) is 4-bit too
-# (benchmarks/bench_fidelity.py, mean/min cos: 16 0.983/0.976, 32 0.980/0.972, 128 0.965/0.948).
-# --group-size 128 is ORT's quantizer default and MLAS's fastest int8 kernel on x86 (lfm2-350m: prefill
-# and decode 1.4x block 32's; benchmarks/RESULTS.md), an option at that fidelity.
-GROUP_SIZES = (16,)
+# int4 block size by default: 32, ORT's fast MLAS int8-compute block on x86 (a 65536 x 1024 lm_head GEMV on
+# AVX2: block 16 5.8 ms, block 32 2.0 ms, the onnxruntime-genai builder's default too), with the lm_head (and
+# the tied embedding reading its blocks) at 8 bits, as llama.cpp's q4_0 keeps its output matrix at q8_0 and
+# our ExecuTorch 8da4w keeps its lm_head int8: a 4-bit head misses docs/design.md §5's 4-bit bound on a
+# random transformers-made checkpoint even at block 32 (benchmarks/bench_fidelity.py; RESULTS.md 2026-11-30).
+# --group-size 128 is ORT's quantizer default and MLAS's fastest int8 kernel, an option at its fidelity.
+GROUP_SIZES = (32, 16)
+HEAD_BITS, HEAD_BLOCKS = 8, (128, 64, 32, 16)  # 8-bit head: block 128 as fast as any here (3.2 ms vs 3.6 at 32)
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
@@ -533,8 +535,9 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     quantized per call). int4: MatMulNBits, blocks of `group_size` along K with a scale and zero point
     each (asymmetric: measurably closer to fp32 than symmetric at the same size, see benchmarks/RESULTS.md), int8
     compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
-    (export untied it so the quantizer sees a constant MatMul). int4 with tied embeddings: the embedding
-    reads the lm_head's 4-bit blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table.
+    (export untied it so the quantizer sees a constant MatMul), the lm_head to 8 bits (HEAD_BITS). int4 with
+    tied embeddings: the embedding reads the lm_head's blocks (`share_quantized_embedding`); otherwise it
+    keeps an fp32 table.
 
     The graph ORT's quantize_dynamic / MatMulNBitsQuantizer would write, node for node and with their
     arithmetic (`quantize_matmul_int8`, `quantize_matmul_nbits`), but one weight at a time, each read
@@ -549,7 +552,11 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
         weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx_float():
             continue
-        if quant == "int4":
+        if quant == "int4" and "logits" in n.output:
+            K = weight.dims[0]
+            block = next((b for b in HEAD_BLOCKS if K % b == 0), HEAD_BLOCKS[-1])
+            replace[id(n)], new = quantize_matmul_nbits(n, weight, block, bits=HEAD_BITS)
+        elif quant == "int4":
             replace[id(n)], new = quantize_matmul_nbits(n, weight, group_size)
         else:
             replace[id(n)], new = quantize_matmul_int8(n, weight, quantized_inputs)
@@ -569,25 +576,27 @@ def onnx_float() -> int:
     return TensorProto.FLOAT
 
 
-def quantize_matmul_nbits(node, weight, group_size: int):
-    """MatMul(x, W) -> com.microsoft MatMulNBits over W's 4-bit blocks, as ORT's MatMulNBitsQuantizer
-    (DefaultWeightOnlyQuantizer, asymmetric, accuracy_level 4) writes it. Returns (nodes, initializers)."""
+def quantize_matmul_nbits(node, weight, group_size: int, bits: int = 4):
+    """MatMul(x, W) -> com.microsoft MatMulNBits over W's `bits`-bit blocks, as ORT's MatMulNBitsQuantizer
+    (DefaultWeightOnlyQuantizer, symmetric, accuracy_level 4) writes it: symmetric blocks carry no zero
+    points, and MLAS's int8-compute GEMV runs them 1.2x faster than asymmetric ones on AVX2 (1024 x 4608,
+    block 32: 176 vs 228 us), the onnxruntime-genai builder's choice too. Returns (nodes, initializers)."""
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
 
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-        block_size=group_size, is_symmetric=False, accuracy_level=4, bits=4))
+        block_size=group_size, is_symmetric=True, accuracy_level=4, bits=bits))
     w = weight_array(weight)
     K, N = w.shape
-    packed, scales, zero_points = quantizer.qbits_block_quant(w)
+    packed, scales, _ = quantizer.qbits_block_quant(w)  # symmetric: the kernel's implied zero point 2^(bits-1)
     del w
     name = weight.name
-    tensors = [numpy_helper.from_array(packed, name + "_Q4"), numpy_helper.from_array(scales, name + "_scales"),
-               numpy_helper.from_array(zero_points, name + "_zero_points")]
+    tag = f"_Q{bits}"
+    tensors = [numpy_helper.from_array(packed, name + tag), numpy_helper.from_array(scales, name + "_scales")]
     matmul = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], [node.output[0]],
-                              name=node.name + "_Q4" if node.name else "", domain="com.microsoft",
-                              K=K, N=N, bits=4, block_size=group_size, accuracy_level=4)
+                              name=node.name + tag if node.name else "", domain="com.microsoft",
+                              K=K, N=N, bits=bits, block_size=group_size, accuracy_level=4)
     return [matmul], tensors
 
 
@@ -640,7 +649,7 @@ def quantize_columns_int8(w: np.ndarray, rows_per_step: int = 256) -> tuple[np.n
 
 def share_quantized_embedding(graph):
     """Tied embeddings, int4: replace the embedding's fp32 Gather by a com.microsoft GatherBlockQuantized
-    over the lm_head MatMulNBits' own 4-bit blocks, scales and zero points (one table in the file, as
+    over the lm_head MatMulNBits' own (8-bit) blocks, scales and zero points (one table in the file, as
     the onnxruntime-genai builder does: the fp32 table was half of an int4 lfm2-350m file). Returns the
     graph unchanged where the blocks do not tile the rows exactly (hidden not a multiple of the block)."""
     from onnx import TensorProto, helper
@@ -652,20 +661,20 @@ def share_quantized_embedding(graph):
     if lm_head is None or lm_head.op_type != "MatMulNBits" or gather is None:
         return graph
     attrs = {a.name: a.i for a in lm_head.attribute}
-    vocab, hidden, block = attrs["N"], attrs["K"], attrs["block_size"]
+    vocab, hidden, block, bits = attrs["N"], attrs["K"], attrs["block_size"], attrs["bits"]
     if hidden % block or list(inits[gather.input[0]].dims) != [vocab, hidden]:
         return graph
     blocks, scales = lm_head.input[1], lm_head.input[2]
-    rows = helper.make_tensor("embedding.rows", TensorProto.INT64, [2], [vocab, hidden // 2])
+    rows = helper.make_tensor("embedding.rows", TensorProto.INT64, [2], [vocab, hidden * bits // 8])
     zero_rows = helper.make_tensor("embedding.zero_rows", TensorProto.INT64, [2], [vocab, -1])
     graph.graph.initializer.extend([rows, zero_rows])
-    new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"])]  # [vocab, hidden/2] uint8
+    new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"])]  # [vocab, hidden*bits/8] uint8
     inputs = ["embedding.blocks", gather.input[1], scales]
     if len(lm_head.input) > 3 and lm_head.input[3]:
         new.append(helper.make_node("Reshape", [lm_head.input[3], "embedding.zero_rows"], ["embedding.zero_points"]))
         inputs.append("embedding.zero_points")
-    new.append(helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name="embedding_q4",
-                                domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1))
+    new.append(helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=f"embedding_q{bits}",
+                                domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
     return rebuild(graph, nodes, {id(gather): new}, set())
 
 

@@ -70,7 +70,8 @@ def test_parity(case, artifact, checkpoints, reference):
 
 def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
     """lm_head (tied to the embedding) is quantized too. int8: the embedding Gather keeps a float table;
-    int4: the embedding reads the lm_head's 4-bit blocks (one table, no float copy); untied int4 keeps it."""
+    int4: the body is 4-bit in blocks of 32, the lm_head 8-bit, and the embedding reads the lm_head's
+    blocks (one table, no float copy); untied int4 keeps its float table."""
     for variant, quant, ops, gather in (("tiny", "int8", {"MatMulInteger", "DynamicQuantizeMatMul"}, "Gather"),
                                         ("trained:tiny", "int4", {"MatMulNBits"}, "GatherBlockQuantized"),
                                         ("untied", "int4", {"MatMulNBits"}, "Gather")):
@@ -81,8 +82,14 @@ def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
         floats = [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                   and list(i.dims) == [1024, 128]]
         assert (floats == []) == (gather == "GatherBlockQuantized"), floats
-    lm_head = next(n for n in graph.graph.node if "logits" in n.output)  # untied: still 4-bit
-    assert lm_head.op_type == "MatMulNBits"
+        if quant == "int4":
+            bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+                    for n in graph.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+            head = next(n.name for n in graph.graph.node if "logits" in n.output)
+            assert bits.pop(head) == 8 and set(bits.values()) == ({4, 8} if gather == "GatherBlockQuantized" else {4})
+            blocks = {onnx.helper.get_attribute_value(a) for n in graph.graph.node if n.op_type == "MatMulNBits"
+                      and n.name != head for a in n.attribute if a.name == "block_size"}
+            assert blocks == {32}
 
 
 def test_graph_is_fused_for_ort(artifact):
