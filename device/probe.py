@@ -40,9 +40,10 @@ def describe(name: str | None = None) -> dict:
     from runtime.bench import cpu_info
 
     info = cpu_info()
-    return {"name": name or socket.gethostname(), "cpu_model": info["model"], "cores": info["cores"],
-            "cpus": cpus(), "machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "engines": engines()}
+    return {"name": name or socket.gethostname(), "cpu_model": info["model"], "isa": info["isa"],
+            "cores": info["cores"], "cpus": cpus(), "machine": platform.machine(),
+            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "engines": engines()}
 
 
 def conditions() -> dict:

@@ -195,6 +195,7 @@ def test_bench_on_device_matches_local_and_names_the_device(fast, gguf, tmp_path
         d = r["device"]
         assert d["url"] == fast.url and d["name"] == "fast" and d["cpus"] == [0]
         assert d["engines"][".gguf"].startswith("llama-cpp-python ") and d["cpu_model"] and d["cores"] >= 1
+        assert isinstance(d["isa"], list)
         assert "before" in d and "after" in d
         # same machine, same artifact: within noise (a loose bound: this 2-core machine is shared)
         ratio = r["median_ts"] / l["median_ts"]
