@@ -1,6 +1,7 @@
 """Bytes against fidelity (issue 15 item 6): bits per weight of each format's 4-bit settings against the
 cosine of its logits to Hugging Face transformers' `Lfm2ForCausalLM`, on a random transformers-made
-checkpoint and on the same checkpoint after a short training run, next to llama.cpp's q4_0 and q4_k_m.
+checkpoint and on the same checkpoint after a short training run, next to llama.cpp's q4_0 and q4_k_m and
+the onnxruntime-genai builder's int4 model.
 
     PYTHONPATH=$PWD python -m benchmarks.bench_fidelity [--checkpoints random trained] [--formats gguf onnx executorch]
 
@@ -35,6 +36,7 @@ from edge.tokenizer import default_corpus, train_tokenizer
 from edge.formats import FORMATS
 from export import export_model
 from export.gguf import quantize_with_llamacpp
+from runtime.bench import artifact_bytes
 from tests.parity import (BOUNDS, GQA_8_2, metrics, random_ids, session_logits, transformers_checkpoint,
                           transformers_logits)
 
@@ -44,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_STEPS = 300   # ~1 min of one CPU core at this size: loss falls from ln(1024) ~6.9 to ~3
 MAX_SEQ_LEN = 96
 KV_8BIT = {"gguf": "q8_0", "executorch": "int8", "onnx": "int8"}
+GENAI = "genai builder int4"  # the peer's model: onnxruntime-genai's builder, -p int4 -e cpu (benchmarks/peers.py)
 
 
 def kv_cache(fmt: str, head_dim: int) -> str:
@@ -68,6 +71,10 @@ SETTINGS = [
     ("onnx", "int4", {"group_size": 64}, "symmetric; lm_head 8-bit", False),
     ("onnx", "int4", {"group_size": 32}, "symmetric; lm_head 8-bit", True),
     ("onnx", "int4", {"group_size": 16}, "symmetric; lm_head 8-bit", True),
+    ("onnx", GENAI, {},
+     "reference: symmetric blocks of 32, 4-bit lm_head; fp32 KV; its fp32 RoPE tables count as weights", True),
+    ("onnx", GENAI, {"block_size": 16},
+     "reference: symmetric blocks of 16, 4-bit lm_head; fp32 KV; its fp32 RoPE tables count as weights", False),
     # (8da4w group 16 does not lower: XNNPACK needs groups that are multiples of 32)
     ("executorch", "fp32", {}, "reference", False),
     ("executorch", "8da4w", {"group_size": 128}, "symmetric; int8 embedding; lm_head int8 per channel", True),
@@ -104,6 +111,14 @@ def export_setting(fmt: str, quant: str, options: dict, model_dir: Path, out: Pa
     from edge.config import HybridConfig
 
     kv = kv_cache(fmt, HybridConfig.load(model_dir).head_dim)
+    if quant == GENAI:  # a folder; extra options as the builder's --extra_options KEY=VALUE
+        from benchmarks.peers import build_genai
+
+        out = out.with_suffix("")
+        shutil.rmtree(out, ignore_errors=True)
+        extra = ["--extra_options", *(f"{k}={v}" for k, v in options.items())] if options else []
+        build_genai(model_dir, out, *extra)
+        return out
     if quant == "llama.cpp q4_0":  # llama.cpp's quantizer: its q4_0 gives the output matrix q6_K/q8_0
         from gguf import LlamaFileType
 
@@ -124,7 +139,7 @@ def weight_bytes(fmt: str, path: Path) -> int | None:
     if fmt == "onnx":
         import onnx
 
-        model = onnx.load(str(path))
+        model = onnx.load(str(path / "model.onnx" if path.is_dir() else path))
         return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     return None
 
@@ -141,13 +156,18 @@ def measure(ckpt: str, model_dir: Path, fmt: str, quant: str, options: dict, not
     started = time.time()
     path = export_setting(fmt, quant, options, model_dir, model_dir.parent / f"{ckpt}-{fmt}-{name}{FORMATS[fmt].suffix}")
     export_s = time.time() - started
-    session = runtime.load(path, n_threads=1)
+    if quant == GENAI:
+        from benchmarks.peers import GenaiSession
+
+        session = GenaiSession(path, model_dir, 1, MAX_SEQ_LEN, loop="append")
+    else:
+        session = runtime.load(path, n_threads=1)
     got = session_logits(session, ids)
     kv = session.kv_cache
     session.close()
     config = HybridConfig.load(model_dir)
     n_params = config.n_params()
-    size = path.stat().st_size
+    size = artifact_bytes(path)
     row = dict(checkpoint=ckpt, format=fmt, quant=quant, options=options, kv_cache=kv, note=note,
                file_bytes=size, n_params=n_params, bpw_file=size * 8 / n_params,
                weight_bytes=weight_bytes(fmt, path), export_s=round(export_s, 1), **metrics(ref, got))

@@ -300,8 +300,8 @@ class GenaiSession(Session):
             self.gen.generate_next_token()
         else:
             self.gen.append_tokens(ids)
-            if self.loop == "append":
-                self.gen.get_logits()
+            if self.loop == "append":  # the logits of the last token, read back as every engine's are
+                return np.asarray(self.gen.get_logits(), np.float32).reshape(-1)[-self.vocab_size:]
         return np.zeros(0, np.float32)
 
     def _reset(self):
