@@ -208,6 +208,22 @@ def test_depth_test_reports_each_quantized_cache_against_its_own_unquantized_one
         "peer: llama.cpp C API q4_0: kv q8_0 vs f16": {"kv_bytes_ratio": 0.531, "decode_speed_ratio": 0.5}}
 
 
+def test_summary_ranks_peers_with_and_without_settings_under_the_4bit_bound():
+    """A peer setting measured under §5's 4-bit bound (UNDER_4BIT_BOUND) is the best peer, but the
+    fidelity-matched ratio skips it, at depth 0 and in the depth test (names ending in "kv TYPE")."""
+    from benchmarks.compare import UNDER_4BIT_BOUND, best_per_system, summarize
+
+    fast = next(iter(UNDER_4BIT_BOUND))
+    for suffix in ("", " kv fp32"):
+        records = [dict(system=s + suffix, harness={"threads": "2"}, ours=s.startswith("ours"), n_prompt=0,
+                        n_gen=8, label=s, median_ts=ts)
+                   for s, ts in (("ours: onnxruntime int4.onnx", 60.0), (fast, 80.0), ("peer: other", 40.0))]
+        tg = summarize(best_per_system(records))["tg"]
+        assert tg["best_peer"]["system"] == fast + suffix and tg["best_ours_over_best_peer"] == 0.75
+        assert tg["best_peer_within_4bit_bound"]["system"] == "peer: other" + suffix
+        assert tg["best_ours_over_best_peer_within_4bit_bound"] == 1.5
+
+
 def test_results_and_export_llama_names_per_preset():
     from benchmarks.compare import results_name
     from benchmarks.peers import EXPORT_LLAMA_MODELS, export_llama_flags
