@@ -532,9 +532,8 @@ def weight_matmuls(graph) -> list[str]:
 
 def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     """fp32 as is. int8: ORT dynamic quantization (int8 weights per output channel, activations
-    quantized per call). int4: MatMulNBits, blocks of `group_size` along K with a scale and zero point
-    each (asymmetric: measurably closer to fp32 than symmetric at the same size, see benchmarks/RESULTS.md), int8
-    compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
+    quantized per call). int4: MatMulNBits, symmetric blocks of `group_size` along K with a scale each
+    (`quantize_matmul_nbits` says why symmetric), int8 compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
     (export untied it so the quantizer sees a constant MatMul), the lm_head to 8 bits (HEAD_BITS). int4 with
     tied embeddings: the embedding reads the lm_head's blocks (`share_quantized_embedding`); otherwise it
     keeps an fp32 table.
