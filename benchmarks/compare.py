@@ -27,7 +27,7 @@
    own `generate_next_token` loop; transformers' eager or sdpa attention; our llama.cpp session also at the
    C API's default thread count) and reports each system at its best setting, per test, saying which won;
    `--harness fixed` runs the first setting of each only. The summary gives best of ours over the best
-   peer, and over the best peer setting within §5's 4-bit bound (UNDER_4BIT_BOUND lists those measured under it).
+   peer, and over the best peer setting within §5's 4-bit bound (UNDER_4BIT_BOUND: those measured under it).
 4. Roofline: read bandwidth measured here (numpy sum over 1 GiB, best of 5, 1 and 2 threads), bytes per
    decoded token ≈ the artifact's bytes (every weight is read once per token; with tied embeddings the
    LM head reads the whole table) + its KV bytes; ceiling = bandwidth / bytes, and % achieved.

@@ -533,10 +533,10 @@ def weight_matmuls(graph) -> list[str]:
 def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     """fp32 as is. int8: ORT dynamic quantization (int8 weights per output channel, activations
     quantized per call). int4: MatMulNBits, symmetric blocks of `group_size` along K with a scale each
-    (`quantize_matmul_nbits` says why symmetric), int8 compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul is quantized, lm_head included
-    (export untied it so the quantizer sees a constant MatMul), the lm_head to 8 bits (HEAD_BITS). int4 with
-    tied embeddings: the embedding reads the lm_head's blocks (`share_quantized_embedding`); otherwise it
-    keeps an fp32 table.
+    (`quantize_matmul_nbits` says why symmetric), int8 compute (accuracy_level 4, ORT's fast CPU path).
+    Every weight MatMul is quantized, lm_head included (export untied it so the quantizer sees a constant
+    MatMul), the lm_head to 8 bits (HEAD_BITS). int4 with tied embeddings: the embedding reads the
+    lm_head's blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table.
 
     The graph ORT's quantize_dynamic / MatMulNBitsQuantizer would write, node for node and with their
     arithmetic (`quantize_matmul_int8`, `quantize_matmul_nbits`), but one weight at a time, each read
@@ -648,7 +648,7 @@ def quantize_columns_int8(w: np.ndarray, rows_per_step: int = 256) -> tuple[np.n
 
 def share_quantized_embedding(graph):
     """Tied embeddings, int4: replace the embedding's fp32 Gather by a com.microsoft GatherBlockQuantized
-    over the lm_head MatMulNBits' own (8-bit) blocks, scales and zero points (one table in the file, as
+    over the lm_head MatMulNBits' own (8-bit) blocks and scales (one table in the file, as
     the onnxruntime-genai builder does: the fp32 table was half of an int4 lfm2-350m file). Returns the
     graph unchanged where the blocks do not tile the rows exactly (hidden not a multiple of the block)."""
     from onnx import TensorProto, helper
@@ -664,16 +664,13 @@ def share_quantized_embedding(graph):
     if hidden % block or list(inits[gather.input[0]].dims) != [vocab, hidden]:
         return graph
     blocks, scales = lm_head.input[1], lm_head.input[2]
-    rows = helper.make_tensor("embedding.rows", TensorProto.INT64, [2], [vocab, hidden * bits // 8])
-    zero_rows = helper.make_tensor("embedding.zero_rows", TensorProto.INT64, [2], [vocab, -1])
-    graph.graph.initializer.extend([rows, zero_rows])
-    new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"])]  # [vocab, hidden*bits/8] uint8
-    inputs = ["embedding.blocks", gather.input[1], scales]
-    if len(lm_head.input) > 3 and lm_head.input[3]:
-        new.append(helper.make_node("Reshape", [lm_head.input[3], "embedding.zero_rows"], ["embedding.zero_points"]))
-        inputs.append("embedding.zero_points")
-    new.append(helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=f"embedding_q{bits}",
-                                domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
+    graph.graph.initializer.append(helper.make_tensor("embedding.rows", TensorProto.INT64, [2],
+                                                      [vocab, hidden * bits // 8]))
+    # symmetric blocks (quantize_matmul_nbits): no zero points, the op's implied 2^(bits-1) as in MatMulNBits
+    new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"]),  # [vocab, K*bits/8] uint8
+           helper.make_node("GatherBlockQuantized", ["embedding.blocks", gather.input[1], scales], list(gather.output),
+                            name=f"embedding_q{bits}", domain="com.microsoft", bits=bits, block_size=block,
+                            gather_axis=0, quantize_axis=1)]
     return rebuild(graph, nodes, {id(gather): new}, set())
 
 
