@@ -284,7 +284,8 @@ def bench_interleaved(openers: Sequence[tuple[str, Callable[[], object]]], *, n_
                       progress: bool = True) -> list[dict]:
     """The interleaved runner behind bench_artifacts, over (label, open-a-Session) pairs, so benchmark
     scripts can put peer engines wrapped as Sessions into the same A B A B rotation.
-    Sessions are opened one after the other (load_ms times the opener), benchmarked, then closed."""
+    Sessions are opened one after the other (load_ms times the opener), benchmarked, then closed (all of
+    them, at once, if one fails to open or to run)."""
     t0 = time.perf_counter_ns()
     benches, loads, rss = [], [], []
     bar = _progress_bar(progress, total=len(openers) * (1 + repetitions * ((n_prompt > 0) + (n_gen > 0))))
@@ -307,10 +308,12 @@ def bench_interleaved(openers: Sequence[tuple[str, Callable[[], object]]], *, n_
                     bar.set_description(f"{test} {rep + 1}/{repetitions} {label}")
                     bench.run(test)
                     bar.update()
+    except BaseException:
+        for bench in benches:
+            bench.session.close()
+        raise
     finally:
         bar.close()
-        for bench in benches:
-            bench.session.reset()
     records = []
     for (label, _), bench, load_ms, model_rss in zip(openers, benches, loads, rss):
         records += [dict(r, label=label) for r in bench.records(load_ms=load_ms, model_rss_mb=model_rss)]
@@ -436,12 +439,12 @@ def bench_depths(openers: Sequence[tuple[str, Callable[[], object]]], *, depths:
         for label, open_session in openers:
             start = time.perf_counter_ns()
             session = open_session()
+            sessions.append(session)
             loads.append((time.perf_counter_ns() - start) / 1e6)
             need = depths[-1] + 1 + n_gen
             if need > session.max_seq_len:
                 raise EdgeError(f"{label} holds {session.max_seq_len} tokens but the deepest test needs {need}; "
                                 f"export with a larger --max-seq-len")
-            sessions.append(session)
         for _ in range(repetitions):
             for i, ((label, _), s) in enumerate(zip(openers, sessions)):
                 s.reset()
@@ -456,6 +459,10 @@ def bench_depths(openers: Sequence[tuple[str, Callable[[], object]]], *, depths:
                     kv_bytes[(i, depth)] = int(s.kv_cache_bytes())
                     bar.update()
                 s.reset()
+    except BaseException:
+        for s in sessions:
+            s.close()
+        raise
     finally:
         bar.close()
     records = []

@@ -67,6 +67,33 @@ def test_test_longer_than_the_context_is_one_line(tiny_dir):
     assert "\n" not in str(e.value)
 
 
+def test_a_failing_session_closes_every_session_of_the_run(tiny_dir):
+    """An opener or a session that fails mid-run must not leave the others' engines loaded."""
+    from runtime.bench import bench_depths, bench_interleaved
+
+    closed = []
+
+    def opener():
+        session = runtime.load(tiny_dir, n_threads=1)
+        close = session.close
+        session.close = lambda: (closed.append(session), close())
+        return session
+
+    def broken():
+        raise EdgeError("cannot load b")
+
+    for run in (lambda o: bench_interleaved(o, n_prompt=4, n_gen=2, repetitions=1, progress=False),
+                lambda o: bench_depths(o, depths=[0], n_gen=2, repetitions=1, progress=False)):
+        closed.clear()
+        with pytest.raises(EdgeError, match="cannot load b"):
+            run([("a", opener), ("b", broken)])
+        assert len(closed) == 1
+    closed.clear()
+    with pytest.raises(EdgeError, match="deepest test"):  # opened, then refused: too short for the depth
+        bench_depths([("a", opener)], depths=[10 ** 6], n_gen=2, progress=False)
+    assert len(closed) == 1
+
+
 def test_cli_two_artifacts_interleaved(tiny_dir, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_dir, a)
