@@ -272,14 +272,18 @@ class GenaiSession(Session):
     loop "append": every token through `append_tokens` (pre-drawn ids, as runtime.bench feeds every
     engine) and its logits read back; "generate": decode through `generate_next_token`, its own greedy
     loop (the ids runtime.bench hands it are ignored: timing only). threads None: ORT's default pool.
+    share_buffer: genai's `past_present_share_buffer` search option: one K/V buffer of max_length bound as
+    both past and present, which GroupQueryAttention appends to in place (how our ONNX session runs), rather
+    than the builder's CPU default (false: each step's present is a new buffer the past is copied into).
     max_length: max_seq_len, at most the builder's context_length (the checkpoint's max_position_embeddings).
     kv_cache is read from the graph's past_key_values inputs: fp32, or int8 from build_genai_int8kv."""
     engine = "onnxruntime-genai"
     _models: dict = {}  # (path, threads) -> og.Model, shared by the loop variants
 
-    def __init__(self, path: Path, model_dir: Path, n_threads: int | None, max_seq_len: int, loop: str = "append"):
+    def __init__(self, path: Path, model_dir: Path, n_threads: int | None, max_seq_len: int, loop: str = "append",
+                 share_buffer: bool = False):
         import onnxruntime_genai as og
-        self.og, self.loop = og, loop
+        self.og, self.loop, self.share_buffer = og, loop, share_buffer
         key = (str(path), n_threads)
         if key not in self._models:
             config = og.Config(str(path))
@@ -297,17 +301,23 @@ class GenaiSession(Session):
 
     def _forward(self, ids):
         if self.loop == "generate" and self.n_past and len(ids) == 1:
+            if self.unsampled:  # right after append_tokens, generate_next_token only samples those logits
+                self.gen.generate_next_token()  # (no model run), so sample them first: one run per decode
+                self.unsampled = False
             self.gen.generate_next_token()
         else:
             self.gen.append_tokens(ids)
+            self.unsampled = True
             if self.loop == "append":  # the logits of the last token, read back as every engine's are
                 return np.asarray(self.gen.get_logits(), np.float32).reshape(-1)[-self.vocab_size:]
         return np.zeros(0, np.float32)
 
     def _reset(self):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.max_seq_len, batch_size=1, do_sample=False)
+        params.set_search_options(max_length=self.max_seq_len, batch_size=1, do_sample=False,
+                                  past_present_share_buffer=self.share_buffer)
         self.gen = self.og.Generator(self.model, params)
+        self.unsampled = False
 
     def kv_cache_bytes(self):
         return self.config.kv_vectors(self.n_past) * self.config.head_dim * self.kv_itemsize
