@@ -89,3 +89,38 @@ def tokenizer_json(model_dir: str | Path) -> str:
     text = path.read_text()
     json.loads(text)
     return text
+
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`, llama-vocab.cpp) -> the tokenizers pre-tokenizer
+# that splits text the same way
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZERS = {
+    # "\p{N}" then GPT-2's regex: each digit alone, as HF's Digits(individual_digits) before ByteLevel
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "gpt-2": _BYTE_LEVEL,
+}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values (this module does not import gguf)
+
+
+def tokenizer_json_from_gguf(tokens: list[str], types: list[int] | None, merges: list[str], pre: str) -> str:
+    """The tokenizer.json text of a gpt2-style GGUF vocabulary (stock GGUFs carry no tokenizer.json):
+    byte-level BPE with its merges, control tokens as special added tokens and user-defined ones as plain
+    added tokens (llama.cpp matches both in text), and the pre-tokenizer `pre` (a PRE_TOKENIZERS name)."""
+    if pre not in PRE_TOKENIZERS:
+        raise EdgeError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(PRE_TOKENIZERS)}")
+    if not merges:
+        raise EdgeError("the GGUF has no BPE merges; only gpt2-style BPE vocabularies are supported")
+    types = types or [1] * len(tokens)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": ty == GGUF_CONTROL}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (GGUF_CONTROL, GGUF_USER_DEFINED)]
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": [m.split(" ", 1) for m in merges]},
+    }
+    return json.dumps(spec, ensure_ascii=False)

@@ -114,7 +114,9 @@ def add_tokenizer_metadata(w: gguf.GGUFWriter, text: str, config: HybridConfig) 
                        (Keys.Tokenizer.PAD_ID, config.pad_token_id)):
         if value is not None:
             w.add_uint32(key, value)
-    w.add_add_bos_token(True)  # Session.encode and LFM2's chat template both start with bos
+    # Session.encode starts with bos exactly when the config has one (LFM2's do; a SmolLM2 child's has none, as
+    # its parent's tokenizer adds none), and llama.cpp's tokenizer must add it in the same cases
+    w.add_add_bos_token(config.bos_token_id is not None)
     w.add_string(Keys.Tokenizer.HF_JSON, text)
 
 
@@ -127,11 +129,16 @@ def _is_byte_level(tokenizer: dict) -> bool:
 
 
 def _pre_tokenizer_name(tokenizer: dict) -> str:
-    """llama.cpp's name of the pre-tokenizer regex: GPT-2's for a plain ByteLevel with its regex,
-    otherwise LFM2's own (a llama3-style split followed by ByteLevel, as the real checkpoints have)."""
+    """llama.cpp's name of the pre-tokenizer regex: GPT-2's for a plain ByteLevel with its regex, SmolLM's
+    for single digits then that (SmolLM2 and the children derived from it), otherwise LFM2's own (a
+    llama3-style split followed by ByteLevel, as the real checkpoints have)."""
     pre = tokenizer.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+            and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True)):
+        return "smollm"
     return "lfm2"
 
 

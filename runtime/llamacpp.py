@@ -6,6 +6,8 @@ Everything the session needs comes from the file's standard lfm2 keys, so a GGUF
 converter loads as well as ours: the HybridConfig from `lfm2.*` hyperparameters, the tokenizer from the
 embedded tokenizer.json if present, else rebuilt from `tokenizer.ggml.tokens`/`merges`. The KV-cache type
 is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_cache=` overrides it.
+A Llama GGUF (arch `llama`, e.g. the parent `edge derive` starts from) loads too, as an all-attention
+config, so `edge bench` and `edge run` measure a parent beside its children.
 
 The header is validated with gguf-py's reader before llama.cpp sees the file, because llama.cpp aborts
 the process on some malformed files (and on lfm2 models without attention layers); llama.cpp's log is
@@ -21,17 +23,18 @@ import gguf
 import llama_cpp
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from gguf import Keys, LlamaFileType, TokenType
+from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES
 
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
-from edge.tokenizer import load_tokenizer
+from edge.tokenizer import PRE_TOKENIZERS, load_tokenizer, tokenizer_json_from_gguf
 from edge.formats.gguf import (ABSENT_KV_CACHE, ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_TYPES,
                                check_llamacpp_can_run, llama_log, quiet_llamacpp)
 
 from .session import Session
 
+LLAMA_ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # the parents `edge derive` starts from, benchmarked beside
 quiet_llamacpp()  # process-wide, from the first import on: llama.cpp's log never reaches stderr
 MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunks
 
@@ -63,9 +66,9 @@ def read_gguf(path: Path) -> dict:
     if end > size:
         raise EdgeError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-export it")
     arch = _field(reader, Keys.General.ARCHITECTURE)
-    if arch != ARCH:
+    if arch not in (ARCH, LLAMA_ARCH):
         raise EdgeError(f"{path} is a GGUF of architecture {arch!r}; this runtime runs LFM2-style models "
-                        f"(architecture {ARCH!r})")
+                        f"(architecture {ARCH!r}) and Llama models, the parents they are derived from")
 
     def key(template, **kw):
         return _field(reader, template.format(arch=arch), **kw)
@@ -90,7 +93,8 @@ def read_gguf(path: Path) -> dict:
             num_key_value_heads=max(kv) or 1,  # all-conv models have no KV heads; 1 keeps the config valid
             layer_types=["full_attention" if n else "conv" for n in kv],
             intermediate_size=key(Keys.LLM.FEED_FORWARD_LENGTH), block_auto_adjust_ff_dim=False,
-            conv_L_cache=key(Keys.ShortConv.L_CACHE), norm_eps=key(Keys.Attention.LAYERNORM_RMS_EPS),
+            conv_L_cache=key(Keys.ShortConv.L_CACHE) if arch == ARCH else 3,  # llama: no conv layers
+            norm_eps=key(Keys.Attention.LAYERNORM_RMS_EPS),
             rope_theta=key(Keys.Rope.FREQ_BASE, default=10000.0),  # llama.cpp's default when absent
             max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in tensor_names,
@@ -104,9 +108,10 @@ def read_gguf(path: Path) -> dict:
         tokenizer = load_tokenizer(hf_json)
     else:
         tokenizer = tokenizer_from_vocab(tokens, _field(reader, Keys.Tokenizer.TOKEN_TYPE, required=False),
-                                         _field(reader, Keys.Tokenizer.MERGES))
+                                         _field(reader, Keys.Tokenizer.MERGES),
+                                         _field(reader, Keys.Tokenizer.PRE, default="gpt-2", required=False))
     file_type = _field(reader, Keys.General.FILE_TYPE, required=False)
-    return dict(config=config, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
+    return dict(config=config, arch=arch, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
                 kv_cache=_field(reader, KV_CACHE_KEY, default=ABSENT_KV_CACHE),
                 chat_template=_field(reader, Keys.Tokenizer.CHAT_TEMPLATE, required=False))
 
@@ -123,19 +128,11 @@ def _quant_name(file_type) -> str:
         return f"file_type {file_type}"
 
 
-def tokenizer_from_vocab(tokens: list[str], types: list[int] | None, merges: list[str]):
+def tokenizer_from_vocab(tokens: list[str], types: list[int] | None, merges: list[str], pre: str = "gpt-2"):
     """A byte-level BPE `tokenizers.Tokenizer` from the gpt2-style vocab of a GGUF (stock files have no
-    tokenizer.json). Pre-tokenization is GPT-2's regex; control tokens are special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    types = types or [TokenType.NORMAL] * len(tokens)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == TokenType.CONTROL])
-    return tok
+    tokenizer.json), pre-tokenized as llama.cpp's `pre` says where edge.tokenizer knows that name (SmolLM's
+    digit split), else with GPT-2's regex; control tokens are special tokens."""
+    return load_tokenizer(tokenizer_json_from_gguf(tokens, types, merges, pre if pre in PRE_TOKENIZERS else "gpt-2"))
 
 
 # ---- the session ---------------------------------------------------------------------------------------
@@ -148,7 +145,8 @@ class LlamaCppSession(Session):
         path = Path(path)
         info = read_gguf(path)
         config = info["config"]
-        check_llamacpp_can_run(config, path)  # before llama.cpp could abort the process
+        if info["arch"] == ARCH:  # a Llama parent is all attention, which llama.cpp's llama runs
+            check_llamacpp_can_run(config, path)  # before llama.cpp could abort the process
         kv_cache = kv_cache or info["kv_cache"]
         if kv_cache not in KV_TYPES:
             raise EdgeError(f"unknown KV-cache type {kv_cache!r} for llama.cpp; choose one of {', '.join(KV_TYPES)}")
