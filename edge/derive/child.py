@@ -32,7 +32,7 @@ from .stream import head, kl_per_token, residual_states, rope_for, run_layers
 CONV_INITS = ("attention", "random")
 QK_NORM_INITS = ("calibrated", "ones")
 KV_MERGES = ("mean", "select")
-ATTENTION_CHOICES = ("local", "even", "drop")  # how plan_child picks the attention blocks that stay
+ATTENTION_CHOICES = ("drop", "local", "even")  # how plan_child picks the attention blocks that stay
 
 
 @dataclass(frozen=True)
@@ -121,22 +121,26 @@ def measure_importance(parent: Parent, calibration: torch.Tensor, window: int | 
     ffn_sum = [torch.zeros(config.ffn_dim) for _ in range(n)]
     kv_sum = [torch.zeros(config.num_key_value_heads) for _ in range(n)]
     qk = {kind: [[torch.zeros(config.head_dim), torch.zeros(config.head_dim)] for _ in range(n)] for kind in "qk"}
-    hooks = []
+    hooks, recording = [], [False]  # statistics come from the unmodified parent's passes only
     group = config.num_attention_heads // config.num_key_value_heads
 
     def on_ffn(i):
         def hook(module, args):
-            ffn_sum[i].add_(args[0].abs().flatten(0, -2).mean(0))
+            if recording[0]:
+                ffn_sum[i].add_(args[0].abs().flatten(0, -2).mean(0))
         return hook
 
     def on_attn_out(i):
         def hook(module, args):
-            y = args[0].unflatten(-1, (config.num_attention_heads, config.head_dim))
-            kv_sum[i].add_(y.norm(dim=-1).flatten(0, -2).mean(0).view(-1, group).sum(-1))
+            if recording[0]:
+                y = args[0].unflatten(-1, (config.num_attention_heads, config.head_dim))
+                kv_sum[i].add_(y.norm(dim=-1).flatten(0, -2).mean(0).view(-1, group).sum(-1))
         return hook
 
     def on_proj(i, kind, heads):
         def hook(module, args, out):  # least squares of q_d ~ w_d * rmsnorm(q)_d over tokens and heads
+            if not recording[0]:
+                return
             y = out.unflatten(-1, (heads, config.head_dim)).flatten(0, -2)
             normed = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + config.norm_eps)
             qk[kind][i][0].add_((y * normed).sum(0))
@@ -149,17 +153,17 @@ def measure_importance(parent: Parent, calibration: torch.Tensor, window: int | 
             hooks.append(layer.self_attn.out_proj.register_forward_pre_hook(on_attn_out(i)))
             hooks.append(layer.self_attn.q_proj.register_forward_hook(on_proj(i, "q", config.num_attention_heads)))
             hooks.append(layer.self_attn.k_proj.register_forward_hook(on_proj(i, "k", config.num_key_value_heads)))
-    drop_kl, local_kl, influence = [0.0] * n, [float("nan")] * n, [0.0] * n
     attention = set(config.attention_layers)
+    drop_kl, influence = [0.0] * n, [0.0] * n
+    local_kl = [0.0 if i in attention else float("nan") for i in range(n)]
     batches = list(calibration.split(4))
     bar = tqdm(total=len(batches) * (n + len(attention) + 1), desc="importance", unit="pass", disable=not progress)
     try:
         for tokens in batches:
+            recording[0] = True
             states = residual_states(model, tokens)
+            recording[0] = False
             bar.update()
-            for h in hooks:  # the statistics come from the unmodified parent's pass only
-                h.remove()
-            hooks.clear()
             logits = head(model, states[-1])
             for i in range(n):
                 x, y = states[i], states[i + 1]
@@ -169,8 +173,7 @@ def measure_importance(parent: Parent, calibration: torch.Tensor, window: int | 
                 bar.update()
                 if i in attention:
                     local = run_layers(model, x, range(i, n), windows={i: window})
-                    local_kl[i] = (0.0 if local_kl[i] != local_kl[i] else local_kl[i]) + \
-                        float(kl_per_token(logits, head(model, local)).mean()) / len(batches)
+                    local_kl[i] += float(kl_per_token(logits, head(model, local)).mean()) / len(batches)
                     bar.update()
     finally:
         for h in hooks:
@@ -186,11 +189,12 @@ def measure_importance(parent: Parent, calibration: torch.Tensor, window: int | 
 
 # ---- planning ------------------------------------------------------------------------------------------
 def plan_child(parent: Parent, importance: Importance, *, attention: int, drop: int = 0, ffn: int | None = None,
-               kv_heads: int | None = None, choose: str = "local", **options) -> ChildSpec:
+               kv_heads: int | None = None, choose: str = "drop", **options) -> ChildSpec:
     """A spec with `attention` attention blocks and `drop` fewer layers, chosen by the measurements:
     the `drop` layers whose removal costs least (drop_kl) go; of the parent's remaining attention layers,
-    `attention` stay, picked by `choose`: local (the largest loss under a local window), drop (the
-    largest drop_kl), or even (evenly spaced, LFM2's pattern). `options` are ChildSpec's other fields."""
+    `attention` stay, picked by `choose`: drop (the largest drop_kl; the best measured, docs/design.md
+    §14), local (the largest loss under a local window), or even (evenly spaced, LFM2's pattern).
+    `options` are ChildSpec's other fields."""
     c = parent.config
     n = c.num_hidden_layers
     if choose not in ATTENTION_CHOICES:
@@ -228,6 +232,13 @@ def child_config(parent: Parent, spec: ChildSpec) -> HybridConfig:
         num_key_value_heads=spec.kv_heads or c.num_key_value_heads)
 
 
+def needs_importance(parent: Parent, spec: ChildSpec) -> bool:
+    """Whether building `spec` reads measurements: it prunes, or calibrates the QK-norm a Llama block gains."""
+    pc = parent.config
+    return bool((spec.ffn or pc.ffn_dim) < pc.ffn_dim or (spec.kv_heads or pc.num_key_value_heads) < pc.num_key_value_heads
+                or (not parent.qk_norm and spec.qk_norm_init == "calibrated" and "a" in spec.layout))
+
+
 @torch.no_grad()
 def build_child(parent: Parent, spec: ChildSpec, importance: Importance | None = None,
                 calibration: torch.Tensor | None = None, seed: int = 0) -> HybridLM:
@@ -237,9 +248,7 @@ def build_child(parent: Parent, spec: ChildSpec, importance: Importance | None =
     spec.check(parent.config)
     pc = parent.config
     config = child_config(parent, spec)
-    needs_importance = (spec.ffn and spec.ffn < pc.ffn_dim) or (spec.kv_heads and spec.kv_heads < pc.num_key_value_heads) \
-        or (not parent.qk_norm and spec.qk_norm_init == "calibrated")
-    if needs_importance and importance is None:
+    if needs_importance(parent, spec) and importance is None:
         raise EdgeError("this spec prunes or calibrates: build_child needs the parent's measured importance")
     child = HybridLM(config).init_weights(seed)
     pm, cm = parent.model.model, child.model
@@ -247,7 +256,9 @@ def build_child(parent: Parent, spec: ChildSpec, importance: Importance | None =
     cm.embedding_norm.weight.copy_(pm.embedding_norm.weight)
     if not config.tie_word_embeddings:
         child.lm_head.weight.copy_(parent.model.lm_head.weight)
-    states = residual_states(parent.model, calibration) if calibration is not None else None
+    converted = any(ch == "c" and t == "full_attention" for ch, t in zip(spec.layout, pc.layer_types))
+    rescale = calibration is not None and converted and spec.conv_init == "attention"
+    states = residual_states(parent.model, calibration) if rescale else None
     for ci, pi in enumerate(spec.kept):
         src, dst = pm.layers[pi], cm.layers[ci]
         dst.operator_norm.weight.copy_(src.operator_norm.weight)

@@ -74,7 +74,7 @@ class _Run:
                         dynamic_ncols=True)
 
     def _resume(self):
-        saved = torch.load(self.state, map_location="cpu", weights_only=False)
+        saved = torch.load(self.state, map_location="cpu", weights_only=True)  # tensors and plain data only
         if saved.get("identity") != self.identity or saved.get("stage") != self.name:
             raise EdgeError(f"{self.state} holds another run ({saved.get('stage')} of another child or settings); "
                             "remove it or give another --work directory")

