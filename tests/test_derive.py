@@ -190,6 +190,11 @@ def test_gguf_parent_matches_its_hf_source_and_llamacpp(llama_dir, llama_gguf):
     finally:
         llm.close()
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
+    import runtime  # `edge run` / `edge bench` open a Llama GGUF too, to measure a parent beside its children
+
+    with runtime.load(llama_gguf, n_threads=1) as s:
+        assert s.config.layer_types == ["full_attention"] * 3 and s.encode(TEXTS[0]) == ids  # no bos, as llama.cpp
+        torch.testing.assert_close(torch.from_numpy(s.prefill(ids)), ours[-1], atol=2e-3, rtol=2e-3)
 
 
 def test_bad_parents_are_one_line_errors(tmp_path, checkpoints):

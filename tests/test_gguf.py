@@ -288,8 +288,9 @@ def test_corrupt_bytes(gguf_file, tmp_path):
 
 
 def test_non_lfm2_gguf(tmp_path):
-    path = tmp_path / "llama.gguf"
-    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    # Llama GGUFs load (the parents of edge derive, tests/test_derive.py); other architectures do not
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     w.add_block_count(1)
     w.add_tokenizer_model("no_vocab")
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
@@ -297,7 +298,7 @@ def test_non_lfm2_gguf(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    one_line_error(lambda: load(path), "'llama'", "lfm2")
+    one_line_error(lambda: load(path), "'gpt2'", "lfm2")
 
 
 def test_llamacpp_refusal_is_quoted(model_dir, tmp_path, monkeypatch):
