@@ -1,8 +1,8 @@
 """Measure a candidate on this machine through the real exporter and the real runtime (never a formula).
 
-For one candidate: build the model (random weights: latency and memory do not depend on their values),
-write a checkpoint with the search's tokenizer, export it (target format, weight quant, KV-cache type),
-load it with `runtime.load` and time it with `runtime.bench.bench_session` (the one timer of the
+For one candidate: its checkpoint (written by the candidate source: random weights, or a parent's
+inherited ones; latency and memory do not depend on their values) is exported (target format, weight quant,
+KV-cache type), then the artifact is loaded with `runtime.load` and time it with `runtime.bench.bench_session` (the one timer of the
 project; llama-bench protocol: warm-up, repetitions, median). Reported per candidate:
   prefill_ms@N   median ms to prefill N prompt tokens (empty cache), for every N a budget names
   decode_ms      median ms per generated token with `decode_depth` tokens already in the cache
@@ -77,31 +77,39 @@ class MeasureFailed(Exception):
 
 
 # ---- parent side ---------------------------------------------------------------------------------
-def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workdir: str | Path,
-            keep: bool = False, transport=None) -> dict:
-    """Export `config` (a HybridConfig) in a child process here, then time it through `transport` (a
-    device.transport.Transport: default this machine, in a child process); return the figures.
+def measure(checkpoint: str | Path, settings: MeasureSettings, workdir: str | Path, keep: bool = False,
+            transport=None) -> dict:
+    """Export `checkpoint` (an HF checkpoint directory) in a child process here, then time the artifact
+    through `transport` (a device.transport.Transport: default this machine, in a child process); return
+    the figures.
 
-    Raises MeasureFailed with a one-line reason. `workdir` receives the checkpoint and the artifact;
-    they are deleted afterwards unless `keep`."""
+    Raises MeasureFailed with a one-line reason. `workdir` receives the artifact; it is deleted afterwards
+    (with the checkpoint, when that lies inside it) unless `keep`."""
     if transport is None:
         from device.transport import LocalTransport
         transport = LocalTransport()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
     started = time.perf_counter()
     try:
-        _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
+        artifact = export_artifact(checkpoint, settings, workdir)
         export_s = time.perf_counter() - started
-        result = transport.measure_candidate(workdir / f"model{FORMATS[settings.target].suffix}", settings)
+        result = transport.measure_candidate(artifact, settings)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     result["export_s"] = round(export_s, 3)
     result["measure_s"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def export_artifact(checkpoint: str | Path, settings: MeasureSettings, workdir: str | Path) -> Path:
+    """Export `checkpoint` as settings.target into WORKDIR/model.SUFFIX, in a child process with the time
+    limit (an exporter that crashes or hangs fails this candidate only)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
+    _run_child(["export", str(workdir), str(Path(checkpoint).resolve())], settings.timeout_s, "export")
+    return workdir / f"model{FORMATS[settings.target].suffix}"
 
 
 def _run_child(args: list[str], timeout_s: float, step: str, module: str = "arch_search.measure") -> None:
@@ -150,22 +158,15 @@ def _die_with_parent() -> None:
 
 
 # ---- child side ----------------------------------------------------------------------------------
-def child_export(workdir: Path, tokenizer_path: Path) -> None:
-    from edge.checkpoint import save_model
-    from edge.config import HybridConfig
-    from edge.model import HybridLM
+def child_export(workdir: Path, checkpoint: Path) -> None:
+    import torch
+
     from export import export_model
 
     settings = MeasureSettings.from_dict(json.loads((workdir / "settings.json").read_text()))
-    config = HybridConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    import torch
     torch.set_num_threads(max(1, settings.threads))
-    checkpoint = workdir / "checkpoint"
-    save_model(HybridLM(config).init_weights(settings.seed), checkpoint)
-    shutil.copyfile(tokenizer_path, checkpoint / "tokenizer.json")
     export_model(settings.target, checkpoint, workdir / f"model{FORMATS[settings.target].suffix}",
                  quant=settings.quant, kv_cache=settings.kv_cache, max_seq_len=settings.max_seq_len)
-    shutil.rmtree(checkpoint)  # the artifact is self-sufficient; the checkpoint is rebuilt for --export-best
 
 
 def child_bench(workdir: Path) -> None:
@@ -234,14 +235,14 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="step", required=True)
     e = sub.add_parser("export")
     e.add_argument("workdir", type=Path)
-    e.add_argument("tokenizer", type=Path)
+    e.add_argument("checkpoint", type=Path)
     b = sub.add_parser("bench")
     b.add_argument("workdir", type=Path)
     args = p.parse_args(argv)
     _die_with_parent()
     try:
         if args.step == "export":
-            child_export(args.workdir, args.tokenizer)
+            child_export(args.workdir, args.checkpoint)
         else:
             child_bench(args.workdir)
     except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
