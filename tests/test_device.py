@@ -24,9 +24,9 @@ import httpx
 import optuna
 import pytest
 
+from arch_search.budgets import measure_settings_for, parse_budget
+from arch_search.candidates import RandomBackbones
 from arch_search.measure import measure, summary
-from arch_search.search import measure_settings_for, parse_budget
-from arch_search.space import seed_params, suggest
 from device.client import DeviceTransport
 from edge.cli import main as edge
 from export import export_model
@@ -218,9 +218,10 @@ def test_a_slower_device_shows_a_slower_decode_and_a_different_front(fast, slow,
     # the search's first candidate (the first LFM2 layout), measured on both devices: one export
     budgets = [parse_budget("prefill_ms@64=100000"), parse_budget("decode_ms@64=1000")]
     settings = measure_settings_for(budgets, target="gguf", threads=1)
-    config = suggest(optuna.trial.FixedTrial(seed_params("tiny")[0]), "tiny", 1024).to_config()
+    source = RandomBackbones("tiny", tokenizer_file, 1024)
     work = tmp_path / "candidate"
-    fast_ms = summary(measure(config, tokenizer_file, settings, work, keep=True, transport=f), settings)["decode_ms"]
+    checkpoint = source.write_checkpoint(source.suggest(optuna.trial.FixedTrial(source.seeds()[0])), work / "checkpoint")
+    fast_ms = summary(measure(checkpoint, settings, work, keep=True, transport=f), settings)["decode_ms"]
     slow_ms = summary(s.measure_candidate(work / "model.gguf", settings), settings)["decode_ms"]
     assert slow_ms > 3 * fast_ms, (fast_ms, slow_ms)
     # a decode budget between the two: feasible on the fast device only
