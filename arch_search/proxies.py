@@ -12,7 +12,7 @@ Registered (benchmarks/RESULTS.md "Proxy validation" measures each against train
                   loss on held-out text (minimise). Without FILE, the Python standard library's sources
                   (`edge.corpus`, split by module) with the search's tokenizer; with FILE, 90% / 10% of it.
   mqar[:N]        Zoology's multi-query associative recall, data-free, N steps (default 400); accuracy.
-  mad[:TASK][:N]  MAD's synthetic tasks (`tasks.MAD_TASKS`), each trained N steps (default 200);
+  mad[:TASK][:N]  MAD's synthetic tasks (`tasks.MAD_TASKS`), each trained N steps (default 100);
                   accuracy, or with no TASK the mean accuracy of all six.
   params          non-embedding parameters (LiteTransformerSearch's training-free proxy): free, but blind
                   to the operator type (a conv block and an attention block of equal size score the same).
@@ -172,9 +172,9 @@ def _mqar(argument: str, spec: str) -> Proxy:
 class TaskProxy(Proxy):
     """Accuracy on one MAD task after `steps` steps of training the candidate's backbone on it."""
     direction = "maximize"
-    BATCH, LR, TEST_EXAMPLES = 32, 3e-3, 256
+    BATCH, LR, TEST_EXAMPLES = 16, 3e-3, 256
 
-    def __init__(self, task: Task, steps: int = 200):
+    def __init__(self, task: Task, steps: int = 100):
         self.task, self.steps = task, steps
         self.name, self.label = f"mad:{task.name}", f"MAD {task.name} accuracy"
         self.cost = f"{steps} training steps of {self.BATCH} sequences"
@@ -248,7 +248,7 @@ class MADSuite(Proxy):
     """The mean accuracy of the six MAD tasks, each trained `steps` steps."""
     name, direction, label = "mad", "maximize", "MAD mean accuracy"
 
-    def __init__(self, steps: int = 200):
+    def __init__(self, steps: int = 100):
         self.steps = steps
         self.tasks = [mad_task(name, steps) for name in MAD_TASKS]
         self.cost = f"6 x {steps} training steps"
@@ -263,7 +263,7 @@ class MADSuite(Proxy):
         return float(np.mean(list(scores.values()))), {"mad": {"steps": self.steps, "accuracy": scores}}
 
 
-def mad_task(name: str, steps: int = 200) -> TaskProxy:
+def mad_task(name: str, steps: int = 100) -> TaskProxy:
     task = MAD_TASKS[name]
     return (CompressionProxy if name == "compression" else TaskProxy)(task, steps)
 
@@ -272,10 +272,10 @@ def mad_task(name: str, steps: int = 200) -> TaskProxy:
 def _mad(argument: str, spec: str) -> Proxy:
     task, _, steps = argument.partition(":")
     if task.isdigit() or not task:
-        return MADSuite(_steps(task, 200, spec))
+        return MADSuite(_steps(task, 100, spec))
     if task not in MAD_TASKS:
         raise EdgeError(f"--quality {spec}: unknown MAD task {task!r}; choose one of {', '.join(MAD_TASKS)}")
-    return mad_task(task, _steps(steps, 200, spec))
+    return mad_task(task, _steps(steps, 100, spec))
 
 
 # ---- language modelling ---------------------------------------------------------------------------

@@ -122,3 +122,14 @@ def test_a_new_proxy_is_one_registered_class():
 def test_lm_proxy_worst_is_a_uniform_guess():
     assert LMProxy().worst(ProxyContext(vocab_size=1024)) == pytest.approx(math.log(1024))
     assert parse_proxy("mqar").worst(ProxyContext()) == 0.0
+
+
+def test_the_stdlib_corpus_splits_by_module():
+    from edge.corpus import describe, stdlib_files
+
+    train, heldout = set(stdlib_files("train")), set(stdlib_files("heldout"))
+    assert train and heldout and not train & heldout
+    assert train | heldout == set(stdlib_files("all"))
+    assert 0.03 < len(heldout) / len(train | heldout) < 0.2   # HELDOUT_SHARE = 0.1 by path hash
+    assert not any("site-packages" in p.parts or "test" in p.parts for p in train)
+    assert describe()["heldout_files"] == len(heldout)
