@@ -22,21 +22,18 @@ agent, which runs the same `bench` child on the device.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge.formats import FORMATS
+from runtime.isolate import MeasureFailed, child_main, run_child  # noqa: F401 - MeasureFailed: the search's type
 
-PARENT_ENV = "EDGE_SEARCH_PARENT_PID"
 CONTEXT_ROUND = 256  # artifacts are exported for the context the measurements need, rounded up to this
 
 
@@ -72,10 +69,6 @@ class MeasureSettings:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class MeasureFailed(Exception):
-    """A candidate could not be measured (export error, engine crash, timeout); the message says why."""
-
-
 # ---- parent side ---------------------------------------------------------------------------------
 def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workdir: str | Path,
             keep: bool = False, transport=None) -> dict:
@@ -93,7 +86,7 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
     started = time.perf_counter()
     try:
-        _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
+        run_child("arch_search.measure", ["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
         export_s = time.perf_counter() - started
         result = transport.measure_candidate(workdir / f"model{FORMATS[settings.target].suffix}", settings)
     finally:
@@ -102,51 +95,6 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     result["export_s"] = round(export_s, 3)
     result["measure_s"] = round(time.perf_counter() - started, 3)
     return result
-
-
-def _run_child(args: list[str], timeout_s: float, step: str, module: str = "arch_search.measure") -> None:
-    """Run `python -m MODULE ARGS` in its own process group; kill the group on timeout.
-    (The device agent runs its header checks and `edge bench` measurements through this too.)"""
-    cmd = [sys.executable, "-m", module, *args]
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise MeasureFailed(f"{step} timed out after {timeout_s:.0f} s") from None
-    except BaseException:  # KeyboardInterrupt included: never leave a child behind
-        _kill_group(proc)
-        raise
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
-        # an engine abort prints a backtrace after its message: prefer the line that says what failed
-        telling = [ln for ln in lines if "GGML_ASSERT" in ln or "Error" in ln or "error:" in ln]
-        last = (telling or lines or [""])[-1]
-        if proc.returncode < 0:
-            reason = f"killed by signal {signal.Signals(-proc.returncode).name}" + (f" ({last[:240]})" if last else "")
-        else:
-            reason = last[:300] if last else f"exit status {proc.returncode}"
-        raise MeasureFailed(f"{step} failed: {reason}")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child, Linux: SIGKILL when the search process dies, so a killed search leaves no orphan
-    measuring on. Set here rather than in a preexec_fn, which is unsafe in the threaded parent; the
-    parent's pid in the environment closes the window where it died before this call."""
-    parent = os.environ.get(PARENT_ENV)
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent and os.getppid() != int(parent):
-        sys.exit("the search process that started this measurement is gone")
 
 
 # ---- child side ----------------------------------------------------------------------------------
@@ -238,16 +186,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench")
     b.add_argument("workdir", type=Path)
     args = p.parse_args(argv)
-    _die_with_parent()
-    try:
-        if args.step == "export":
-            child_export(args.workdir, args.tokenizer)
-        else:
-            child_bench(args.workdir)
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
-        print(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", file=sys.stderr)
-        return 1
-    return 0
+    if args.step == "export":
+        return child_main(lambda: child_export(args.workdir, args.tokenizer))
+    return child_main(lambda: child_bench(args.workdir))
 
 
 if __name__ == "__main__":

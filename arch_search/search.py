@@ -37,9 +37,10 @@ from pathlib import Path
 from device.client import DeviceUnavailable
 from edge.errors import EdgeError
 from edge.formats import FORMATS
+from runtime.isolate import run_child
 
 from . import space as space_mod
-from .measure import MeasureFailed, MeasureSettings, _run_child, measure, summary
+from .measure import MeasureFailed, MeasureSettings, measure, summary
 from .quality import Proxy, evaluate
 
 HEARTBEAT_S = 10
@@ -460,7 +461,8 @@ def reference_artifact(settings: SearchSettings) -> Path:
         config = space_mod.suggest(optuna.trial.FixedTrial(params), settings.space, settings.vocab_size).to_config()
         (workdir / "config.json").write_text(json.dumps(config.to_dict()))
         (workdir / "settings.json").write_text(json.dumps(settings.measure.to_dict()))
-        _run_child(["export", str(workdir), str(settings.tokenizer_path)], settings.measure.timeout_s, "export")
+        run_child("arch_search.measure", ["export", str(workdir), str(settings.tokenizer_path)],
+                  settings.measure.timeout_s, "export")
     return artifact
 
 

@@ -23,8 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
+from runtime.isolate import REQUEST, model_name
 
 from .artifacts import SHA256, SUFFIXES, ArtifactStore, sniff_file
 
@@ -59,10 +60,9 @@ def checked_bench_options(o: dict) -> dict:
             "n_threads": _int(o, "n_threads", 1, 1024, 1), "kv_cache": kv, "seed": _int(o, "seed", 0, 2**32, 0)}
 
 
-def checked_settings(d: dict):
-    """MeasureSettings from a request, range-checked (the child reads them back from settings.json)."""
-    from arch_search.measure import MeasureSettings
-
+def checked_settings(d: dict) -> dict:
+    """A candidate's measurement protocol from a request, range-checked: the fields of the search's
+    MeasureSettings that the timing child reads back from its settings file (runtime.isolate.SETTINGS)."""
     if not isinstance(d, dict):
         raise EdgeError("settings must be an object")
     prefill = d.get("prefill_tokens", [512])
@@ -75,10 +75,10 @@ def checked_settings(d: dict):
     target = d.get("target", "gguf")
     if target not in ("gguf", "executorch", "onnx"):
         raise EdgeError(f"target must be gguf, executorch or onnx, got {target!r}")
-    return MeasureSettings(target=target, prefill_tokens=tuple(prefill), decode_depth=_int(d, "decode_depth", 0, 1 << 20, 512),
-                           n_gen=_int(d, "n_gen", 1, 1 << 16, 32), repetitions=_int(d, "repetitions", 1, 1000, 3),
-                           threads=_int(d, "threads", 1, 1024, 1), max_cv=float(cv),
-                           max_attempts=_int(d, "max_attempts", 1, 20, 3), seed=_int(d, "seed", 0, 2**32, 0))
+    return {"target": target, "prefill_tokens": prefill, "decode_depth": _int(d, "decode_depth", 0, 1 << 20, 512),
+            "n_gen": _int(d, "n_gen", 1, 1 << 16, 32), "repetitions": _int(d, "repetitions", 1, 1000, 3),
+            "threads": _int(d, "threads", 1, 1024, 1), "max_cv": float(cv),
+            "max_attempts": _int(d, "max_attempts", 1, 20, 3), "seed": _int(d, "seed", 0, 2**32, 0)}
 
 
 # ---- the agent ---------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Agent:
             try:
                 answer = await asyncio.to_thread(self.run, job, deadline)
             except Exception as e:  # noqa: BLE001 - MeasureFailed and the like: one line for the host
-                return error(422, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                return error(422, first_line(e))
             finally:
                 self.lock.release()
             return JSONResponse(answer)
@@ -236,8 +236,8 @@ class Agent:
             files.append((path, suffix))
         if kind == "candidate":
             settings = checked_settings(req.get("settings", {}))
-            if FORMATS[settings.target].suffix != files[0][1]:
-                raise EdgeError(f"target {settings.target} measures {FORMATS[settings.target].suffix} files, "
+            if FORMATS[settings["target"]].suffix != files[0][1]:
+                raise EdgeError(f"target {settings['target']} measures {FORMATS[settings['target']].suffix} files, "
                                 f"not {files[0][1]}")
             return {"kind": kind, "files": files, "settings": settings}
         return {"kind": kind, "files": files, "options": checked_bench_options(req.get("options", {}))}
@@ -262,8 +262,8 @@ class Agent:
         return {"cooldown_s": round(time.monotonic() - started, 2), **note}
 
     def run(self, job: dict, deadline: float) -> dict:
-        """One measurement, in a child process (runtime.bench's timer, arch_search.measure's isolation)."""
-        from arch_search.measure import MeasureFailed
+        """One measurement, in a child process (runtime.bench's timer, runtime.isolate's runner)."""
+        from runtime.isolate import MeasureFailed
 
         from .probe import conditions
         from .transport import LocalTransport
@@ -277,15 +277,13 @@ class Agent:
                 raise MeasureFailed("the deadline passed before the measurement could start")
             if job["kind"] == "candidate":
                 settings = job["settings"]
-                settings.timeout_s = remaining
-                artifact = workdir / f"model{FORMATS[settings.target].suffix}"
-                self.store.link(job["files"][0][0], artifact)
-                out = {"result": LocalTransport().measure_candidate(artifact, settings)}
+                self.store.link(job["files"][0][0], workdir / model_name(FORMATS[settings["target"]].suffix))
+                out = {"result": LocalTransport.time_candidate(workdir, settings, remaining)}
             else:
-                names = [f"model{i}{suffix}" for i, (_, suffix) in enumerate(job["files"])]
+                names = [model_name(suffix, i) for i, (_, suffix) in enumerate(job["files"])]
                 for (path, _), name in zip(job["files"], names):
                     self.store.link(path, workdir / name)
-                (workdir / "request.json").write_text(json.dumps({"files": names, "options": job["options"]}))
+                (workdir / REQUEST).write_text(json.dumps({"files": names, "options": job["options"]}))
                 records = LocalTransport().bench_isolated(workdir, remaining)
                 for r in records:  # the agent's paths mean nothing to the host: say which artifact it was
                     r["artifact_index"] = names.index(Path(r.pop("model_filename")).name)

@@ -89,15 +89,9 @@ def validate(path: Path) -> str:
 
 def main(argv=None) -> int:
     """`python -m device.artifacts PATH`: validate one file; prints its suffix, or the reason on stderr."""
-    from arch_search.measure import _die_with_parent
+    from runtime.isolate import child_main
 
-    _die_with_parent()
-    try:
-        print(validate(Path((argv or sys.argv[1:])[0])))
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
-        print(f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    return child_main(lambda: print(validate(Path((argv or sys.argv[1:])[0]))))
 
 
 # ---- the store ---------------------------------------------------------------------------------------
@@ -129,10 +123,10 @@ class ArtifactStore:
 
     def commit(self, tmp: Path, sha: str) -> None:
         """Validate the (already hashed) upload in a child, then rename it into the cache."""
-        from arch_search.measure import MeasureFailed, _run_child
+        from runtime.isolate import MeasureFailed, run_child
 
         try:
-            _run_child([str(tmp)], VALIDATE_TIMEOUT_S, "header check", module="device.artifacts")
+            run_child("device.artifacts", [str(tmp)], VALIDATE_TIMEOUT_S, "header check")
         except MeasureFailed as e:
             raise EdgeError(str(e).removeprefix("header check failed: ")) from None
         os.chmod(tmp, 0o444)

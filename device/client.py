@@ -13,8 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from arch_search.measure import MeasureFailed
 from edge.errors import EdgeError
+from runtime.isolate import MeasureFailed
 
 from .transport import Transport
 
