@@ -345,7 +345,7 @@ def test_a_gguf_that_is_not_a_gguf_never_reaches_an_engine(strict, gguf, tmp_pat
     fake.write_bytes(b"not a model at all" * 100)
     truncated = tmp_path / "truncated.gguf"  # a real header cut short: the magic alone is not enough
     truncated.write_bytes(gguf.read_bytes()[:4096])
-    for path, reason in ((fake, "not a .gguf, .pte or .onnx"), (truncated, "not a valid GGUF")):
+    for path, reason in ((fake, "not a .gguf, .pte or .onnx"), (truncated, "not a readable GGUF")):
         assert edge(["bench", str(path), "-p", "8", "-n", "0", "-r", "1", "--device", strict.url,
                      "--device-token-file", str(strict.token_file)]) == 1
         err = capsys.readouterr().err
