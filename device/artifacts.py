@@ -10,6 +10,7 @@ directory under a name of the agent's choosing (`model.gguf`). Nothing is unpick
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -21,27 +22,41 @@ from edge.formats import SUFFIXES, headers
 from edge.formats.headers import sniff_file  # noqa: F401 - the agent's check of a request's suffix
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-SCRATCH = re.compile(r"[0-9a-f]{32}(\.partial)?")  # the agent's names for uploads and work folders
+SCRATCH = re.compile(r"[0-9a-f]{32}(\.partial(\.d)?)?")  # the agent's names: uploads, bundles, work folders
 MARKER = ".hybrid-edge-agent-cache"  # in a cache folder the agent made (or adopted) and so may clean
 LAYOUT = ("artifacts", "incoming", "work")
 VALIDATE_TIMEOUT_S = 60
 VALIDATE_MEMORY = 1 << 30  # the header check's address space: the readers' budgets fit well inside
 
 
-def validate(path: Path) -> str:
+def validate(path: Path, max_bytes: int) -> str:
     """Check the header of a .gguf/.pte/.onnx file without running it (the bounded readers of
     edge/formats/headers.py, shared with runtime.load); returns its suffix. A single .onnx must be
-    self-contained: external data names a path the device would open."""
+    self-contained: external data names a path the device would open. A bundle (device/bundle.py) is
+    unpacked and checked into PATH.d, and ".onnx" returned for it."""
+    from . import bundle
+
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if bundle.is_tar(head):
+        bundle.unpack(path, bundled(path), max_bytes)
+        return ".onnx"
     return headers.check(path, external_data=False)
 
 
+def bundled(upload: Path) -> Path:
+    """Where the check unpacks a bundle upload."""
+    return upload.with_name(upload.name + ".d")
+
+
 def main(argv=None) -> int:
-    """`python -m device.artifacts NAME`: validate one file; prints its suffix, or the reason on stderr."""
+    """`python -m device.artifacts NAME MAX_BYTES`: validate one upload; prints its suffix, or the reason."""
     from runtime.isolate import child_main
 
     # numpy (imported with gguf-py's tables) must not reserve a thread pool's buffers under the cap
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
-    return child_main(lambda: print(validate(Path((argv or sys.argv[1:])[0]))))
+    name, max_bytes = (argv or sys.argv[1:])[:2]
+    return child_main(lambda: print(validate(Path(name), int(max_bytes))))
 
 
 # ---- the store ---------------------------------------------------------------------------------------
@@ -80,30 +95,45 @@ class ArtifactStore:
                                         "work/ are scratch\n")
 
     def path(self, sha: str) -> Path | None:
+        """The cached artifact: a file, or the folder a bundle was unpacked into."""
         if not SHA256.fullmatch(sha):
             return None
         p = self.files / sha
-        return p if p.is_file() else None
+        return p if p.exists() else None
 
     def count(self) -> int:
         return sum(1 for p in self.files.iterdir() if SHA256.fullmatch(p.name))
 
+    @staticmethod
+    def entry(path: Path) -> str | None:
+        """A bundle's entry (what runtime.load opens inside its folder: "." or the .onnx); None for a file."""
+        from .bundle import MANIFEST
+
+        return json.loads((path / MANIFEST).read_text())["entry"] if path.is_dir() else None
+
     def new_upload(self) -> Path:
         return self.incoming / f"{uuid.uuid4().hex}.partial"
 
-    def commit(self, tmp: Path, sha: str, **limits) -> None:
-        """Validate the (already hashed) upload in a child, then rename it into the cache. The child works
-        in incoming/ and is given the upload's bare name, so its messages hold no host path; limits:
-        run_child's (the CPUs it may use)."""
+    def commit(self, tmp: Path, sha: str, max_bytes: int, **limits) -> None:
+        """Validate the (already hashed) upload in a child, then rename it (or the folder its bundle was
+        unpacked into) into the cache. The child works in incoming/ and is given the upload's bare name,
+        so its messages hold no host path; limits: run_child's (the CPUs it may use)."""
         from runtime.isolate import MeasureFailed, run_child
 
+        unpacked = bundled(tmp)
         try:
-            run_child("device.artifacts", [tmp.name], VALIDATE_TIMEOUT_S, "header check", cwd=self.incoming,
-                      memory_bytes=VALIDATE_MEMORY, **limits)
+            run_child("device.artifacts", [tmp.name, str(max_bytes)], VALIDATE_TIMEOUT_S, "header check",
+                      cwd=self.incoming, memory_bytes=VALIDATE_MEMORY, **limits)
+            if unpacked.is_dir():
+                os.replace(unpacked, self.files / sha)
+            else:
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, self.files / sha)
         except MeasureFailed as e:
             raise EdgeError(str(e).removeprefix("header check failed: ")) from None
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, self.files / sha)
+        finally:
+            if unpacked.exists():
+                _remove(unpacked)
 
     def workdir(self) -> Path:
         d = self.work / uuid.uuid4().hex
@@ -112,12 +142,20 @@ class ArtifactStore:
 
     @staticmethod
     def link(src: Path, dst: Path) -> None:
-        """Give a measurement its own name for a cached file: a hard link, else a copy."""
-        try:
-            os.link(src, dst)
-        except OSError:
-            import shutil
-            shutil.copyfile(src, dst)
+        """Give a measurement its own name for a cached file (or a bundle's folder, file by file): hard
+        links, else copies."""
+        import shutil
+
+        def one(a, b):
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copyfile(a, b)
+
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=one)
+        else:
+            one(src, dst)
 
 
 def _remove(p: Path) -> None:

@@ -46,11 +46,12 @@ class LocalTransport(Transport):
         return self.time_candidate(Path(artifact).parent, settings.to_dict(), settings.timeout_s)
 
     @staticmethod
-    def time_candidate(workdir: Path, settings: dict, timeout_s: float) -> dict:
-        """Time WORKDIR/model.<suffix> with the protocol `settings` (MeasureSettings.to_dict()) in a child."""
+    def time_candidate(workdir: Path, settings: dict, timeout_s: float, **limits) -> dict:
+        """Time WORKDIR/model.<suffix> with the protocol `settings` (MeasureSettings.to_dict()) in a child
+        working in WORKDIR (limits: run_child's cancel, cpus, memory_bytes)."""
         (workdir / SETTINGS).write_text(json.dumps(settings))
         # the search's timing child, started by its module name: a process boundary, not an import
-        run_child("arch_search.measure", ["bench", str(workdir)], timeout_s, "bench")
+        run_child("arch_search.measure", ["bench", "."], timeout_s, "bench", cwd=workdir, **limits)
         return json.loads((workdir / RESULT).read_text())
 
     def bench(self, artifacts, **options) -> list[dict]:
@@ -58,10 +59,12 @@ class LocalTransport(Transport):
 
         return bench_artifacts(artifacts, **options)
 
-    def bench_isolated(self, workdir: Path, timeout_s: float) -> list[dict]:
-        """`bench` in a child process with a time limit: WORKDIR/request.json names the files and options,
-        the child writes WORKDIR/records.json (what the agent runs for `edge bench --device`)."""
-        run_child("device.transport", ["records", str(workdir)], timeout_s, "bench")
+    @staticmethod
+    def bench_isolated(workdir: Path, timeout_s: float, **limits) -> list[dict]:
+        """`bench` in a child process working in WORKDIR, with a time limit (limits: run_child's): its
+        request file names the files (relative) and options, the child writes the records file (what the
+        agent runs for `edge bench --device`)."""
+        run_child("device.transport", ["records", "."], timeout_s, "bench", cwd=workdir, **limits)
         return json.loads((workdir / RECORDS).read_text())
 
 

@@ -17,11 +17,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from edge.errors import first_line
 
 PARENT_ENV = "EDGE_SEARCH_PARENT_PID"
+CPUS_ENV, MEMORY_ENV = "EDGE_CHILD_CPUS", "EDGE_CHILD_MEMORY"  # limits child_main applies to itself
 REASON = "edge-child-failed: "  # the line a child prints its own reason on (child_main)
+ROOT = Path(__file__).resolve().parents[1]  # the project the child must import, wherever it runs
+POLL_S = 0.2  # how often a waiting parent looks at `cancel`
 
 # ---- the work folder --------------------------------------------------------------------------------
 CONFIG = "config.json"      # the candidate's HybridConfig (the search's export child reads it)
@@ -41,18 +46,37 @@ class MeasureFailed(Exception):
 
 
 # ---- parent side ------------------------------------------------------------------------------------
-def run_child(module: str, args: list[str], timeout_s: float, step: str) -> None:
-    """Run `python -m MODULE ARGS` in its own process group; kill the group on timeout. Raises
-    MeasureFailed naming `step` and the child's telling last line."""
-    cmd = [sys.executable, "-m", module, *args]
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+def run_child(module: str, args: list[str], timeout_s: float, step: str, *, cwd: Path | None = None,
+              cancel=None, cpus: set[int] | None = None, memory_bytes: int | None = None) -> None:
+    """Run `python -m MODULE ARGS` in its own process group; kill the group on timeout, or as soon as
+    `cancel` (a threading.Event) is set. Raises MeasureFailed naming `step` and the child's telling line.
+
+    cwd: the child's working directory (the agent gives paths relative to it, so no message a child
+    writes names a host path); cpus: the CPUs it may run on; memory_bytes: its address-space limit."""
+    # -P: the working directory is never on the child's import path, the project's root always is
+    cmd = [sys.executable, "-P", "-m", module, *args]
+    env = {**os.environ, PARENT_ENV: str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if cpus:
+        env[CPUS_ENV] = ",".join(map(str, sorted(cpus)))
+    if memory_bytes:
+        env[MEMORY_ENV] = str(int(memory_bytes))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env, cwd=cwd)
+    end = time.monotonic() + timeout_s
+    step_s = POLL_S if cancel is not None else timeout_s
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise MeasureFailed(f"{step} timed out after {timeout_s:.0f} s") from None
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=max(0.0, min(step_s, end - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= end:
+                    _kill_group(proc)
+                    raise MeasureFailed(f"{step} timed out after {timeout_s:.0f} s") from None
+                if cancel is not None and cancel.is_set():
+                    _kill_group(proc)
+                    raise MeasureFailed(f"{step} cancelled") from None
     except BaseException:  # KeyboardInterrupt included: never leave a child behind
         _kill_group(proc)
         raise
@@ -88,6 +112,18 @@ def die_with_parent() -> None:
         sys.exit("the process that started this child is gone")
 
 
+def _apply_limits() -> None:
+    """The CPUs and the address space run_child asked for (set by the child itself: a preexec_fn in
+    the threaded parent is unsafe). A MemoryError then fails this child, never the parent."""
+    if os.environ.get(CPUS_ENV) and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
+    if os.environ.get(MEMORY_ENV):
+        import resource
+
+        limit = int(os.environ[MEMORY_ENV])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def child_main(work) -> int:
     """The body of a child's main: die with the parent, run `work()`, and on failure print the one line
     the parent quotes (exit status 1): an EdgeError's message as it is, another exception with its type."""
@@ -95,6 +131,7 @@ def child_main(work) -> int:
 
     die_with_parent()
     try:
+        _apply_limits()
         work()
     except Exception as e:  # noqa: BLE001 - the parent quotes the reason
         reason = first_line(e) if isinstance(e, EdgeError) else f"{type(e).__name__}: {first_line(e)}"
