@@ -54,9 +54,13 @@ log "the project's source into the root, then: pip install '.[$EXTRAS]' (emulate
 rm -rf "$ROOTFS/opt/hybrid-edge" && mkdir -p "$ROOTFS/opt/hybrid-edge"
 git -C "$HERE" ls-files -z | (cd "$HERE" && xargs -0 tar -cf - --) | tar -xf - -C "$ROOTFS/opt/hybrid-edge"
 chroot "$ROOTFS" /bin/sh -c "[ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv"
-chroot "$ROOTFS" /opt/venv/bin/pip install --quiet --disable-pip-version-check "/opt/hybrid-edge[$EXTRAS]"
+# the host's CA bundle (a proxy's CA, if pip here trusts one), for the root's pip; this host's local links not
+cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOTFS/opt/host-ca.crt"
+chroot "$ROOTFS" /usr/bin/env -u PIP_FIND_LINKS PIP_CERT=/opt/host-ca.crt SSL_CERT_FILE=/opt/host-ca.crt \
+    /opt/venv/bin/pip install --quiet --disable-pip-version-check "/opt/hybrid-edge[$EXTRAS]"
 t_install=$(( $(date +%s) - started - t_root ))
-chroot "$ROOTFS" /opt/venv/bin/python -c "import importlib.util as u, platform; print(platform.machine(), 'torch' if u.find_spec('torch') else 'no torch')" \
+chroot "$ROOTFS" /opt/venv/bin/python -c \
+    "import importlib.util as u, platform; print(platform.machine(), 'torch' if u.find_spec('torch') else 'no torch')" \
     | tee "$WORK/machine"
 grep -q "^aarch64 no torch$" "$WORK/machine"
 

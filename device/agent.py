@@ -152,13 +152,13 @@ class TooLate(Exception):
 
 
 class Agent:
-    def __init__(self, *, cache: Path, token: str | None, limits: Limits = Limits(), name: str | None = None,
+    def __init__(self, *, cache: Path, token: str | None, limits: Limits | None = None, name: str | None = None,
                  cpus: set[int] | None = None, spare_cpus: set[int] | None = None, hosts: set[str] | None = None):
         from . import probe
 
         self.store = ArtifactStore(cache)
         self.token = token.encode() if token else None
-        self.limits = limits
+        self.limits = limits = limits or Limits()
         self.cpus, self.spare_cpus = cpus, spare_cpus or None  # measurements' CPUs; header checks' CPUs
         self.hosts = hosts  # without a token: the Host names accepted (DNS rebinding)
         self.device = probe.describe(name)
@@ -465,10 +465,12 @@ class Agent:
             raise TooLate("the deadline leaves no time to measure after the queue and the --cooldown-s pause")
         before_totals = dict(self.totals)
         cooled = self.cool_down(deadline, cancel)
+        if cancel.is_set():
+            raise MeasureFailed("cancelled during the cooldown")
         workdir = self.store.workdir()
         names = {}
         try:
-            before = conditions()
+            before = conditions(self.device["cpus"])
             remaining = deadline - time.monotonic()
             limits = {"cancel": cancel, "cpus": self.cpus}
             if job["kind"] == "candidate":
@@ -478,7 +480,8 @@ class Agent:
                 self.place(path, workdir, model_name(suffix))
                 out = {"result": LocalTransport.time_candidate(workdir, settings, remaining, **limits)}
             else:
-                files = [self.place(path, workdir, model_name(suffix, i)) for i, (path, suffix, _) in enumerate(job["files"])]
+                files = [self.place(path, workdir, model_name(suffix, i))
+                         for i, (path, suffix, _) in enumerate(job["files"])]
                 for name, (_, _, sha) in zip(files, job["files"]):
                     names[name] = f"artifact {sha[:16]}..."
                 (workdir / REQUEST).write_text(json.dumps({"files": files, "options": job["options"]}))
@@ -488,7 +491,7 @@ class Agent:
                 out = {"records": records}
             self.measurements += 1
             alongside = {k: self.totals[k] - before_totals[k] for k in self.totals}
-            out["device"] = {**self.device, "before": before, "after": conditions(), **cooled,
+            out["device"] = {**self.device, "before": before, "after": conditions(self.device["cpus"]), **cooled,
                              "alongside": {"upload_mib": round(alongside["upload_bytes"] / 2**20, 3),
                                            "header_checks": alongside["header_checks"],
                                            "their_cpus": sorted(self.spare_cpus) if self.spare_cpus

@@ -107,7 +107,8 @@ def unpack(tar_path: Path, into: Path, max_bytes: int) -> dict:
         while (member := tar.next()) is not None:
             name = _safe_name(member.name)
             if not member.isreg():
-                raise EdgeError(f"bundle member {name!r} is a {'link' if member.issym() or member.islnk() else 'special file'};"
+                kind = "link" if member.issym() or member.islnk() else "special file"
+                raise EdgeError(f"bundle member {name!r} is a {kind};"
                                 " a bundle carries regular files only")
             promised = manifest["files"].get(name)
             if promised is None or name in seen:

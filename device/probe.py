@@ -72,11 +72,11 @@ def describe(name: str | None = None) -> dict:
     return block
 
 
-def conditions() -> dict:
-    """Governor and frequency of the CPUs in use, and every thermal zone's temperature; empty where the
-    kernel does not expose them (containers, most phones without root)."""
+def conditions(measured: list[int] | None = None) -> dict:
+    """Governor and frequency of the CPUs measurements run on (default: this process's), and every thermal
+    zone's temperature; empty where the kernel does not expose them (containers, most phones without root)."""
     out: dict = {}
-    cpufreq = {c: Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq") for c in cpus()}
+    cpufreq = {c: Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq") for c in (measured or cpus())}
     governors = {c: _read(p / "scaling_governor") for c, p in cpufreq.items()}
     if any(governors.values()):
         out["governor"] = {str(c): g for c, g in governors.items() if g}

@@ -382,7 +382,7 @@ def test_pte_and_onnx_headers_are_checked_too(tmp_path):
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(EdgeError, match=reason):
-            validate(tmp_path / name)
+            validate(tmp_path / name, 1 << 30)
 
 
 def test_a_client_path_or_name_never_touches_the_file_system(strict, gguf, tmp_path):
@@ -876,21 +876,37 @@ def onnx_kinds(tiny_dir, tmp_path_factory):
     return {"folder": Path(folder), "external": external}
 
 
+def best_ts(runs: list[list[dict]]) -> dict[str, float]:
+    """test -> the best median t/s over several runs: the least disturbed one (this machine is shared)."""
+    return {r["test"]: max(rr["median_ts"] for run in runs for rr in run if rr["test"] == r["test"]) for r in runs[0]}
+
+
 @pytest.mark.engine("onnxruntime")
 def test_a_genai_folder_and_external_data_measure_through_the_agent_as_locally(guarded, onnx_kinds, tmp_path, capsys):
+    from runtime.bench import bench_artifacts
+
+    options = dict(n_prompt=32, n_gen=32, repetitions=3)
+    t = guarded.transport()
     for kind, path in onnx_kinds.items():
-        remote, local = tmp_path / f"{kind}-remote.json", tmp_path / f"{kind}-local.json"
+        out = tmp_path / f"{kind}.json"
         assert edge(["bench", str(path), *BENCH, "--device", guarded.url, "--device-token-file",
-                     str(guarded.token_file), "--json", str(remote)]) == 0, capsys.readouterr().err
-        assert edge(["bench", str(path), *BENCH, "--json", str(local)]) == 0
-        for r, l in zip(json.loads(remote.read_text()), json.loads(local.read_text())):
-            assert r["model_filename"] == str(path) and r["engine"] == l["engine"] == "onnxruntime"
-            ratio = r["median_ts"] / l["median_ts"]
-            print(f"{kind} {r['test']}: device/local t/s {ratio:.2f}")
-            assert 0.4 < ratio < 2.5, f"{kind} {r['test']}: device/local = {ratio:.2f}"
-    t = guarded.transport()  # the same files again: the bundle's sha256 is found in the agent's cache
-    t.bench([onnx_kinds["folder"]], n_prompt=8, n_gen=0, repetitions=1)
-    assert (t.uploads, t.cache_hits) == (0, 1)
+                     str(guarded.token_file), "--json", str(out)]) == 0, capsys.readouterr().err
+        assert all(r["model_filename"] == str(path) and r["engine"] == "onnxruntime" for r in json.loads(out.read_text()))
+        # device and local alternately, the local runs on the agent's CPU too; the best of three each
+        remote, local = [], []
+        pinned = os.sched_getaffinity(0)
+        for _ in range(3):
+            remote.append(t.bench([path], **options))
+            os.sched_setaffinity(0, {0})
+            try:
+                local.append(bench_artifacts([path], progress=False, **options))
+            finally:
+                os.sched_setaffinity(0, pinned)
+        for test, ts in best_ts(remote).items():
+            ratio = ts / best_ts(local)[test]
+            print(f"{kind} {test}: device/local t/s {ratio:.2f} (best of 3)")
+            assert 0.5 < ratio < 2.0, f"{kind} {test}: device/local = {ratio:.2f}"
+    assert t.cache_hits >= 6, "the same files again: each bundle's sha256 was found in the agent's cache"
     t.close()
 
 
@@ -922,8 +938,10 @@ def test_crafted_bundles_are_refused_one_line_each_and_nothing_escapes(guarded):
     cases = {
         "absolute path": tar_of(manifest_for({"model.onnx": onnx}), member(str(escaped), onnx)),
         "..": tar_of(manifest_for({"model.onnx": onnx}), member("../../escaped", onnx)),
-        "symlink": tar_of(manifest_for({"model.onnx": onnx}), member("model.onnx", kind=tarfile.SYMTYPE, link=str(escaped))),
-        "hard link": tar_of(manifest_for({"model.onnx": onnx}), member("model.onnx", kind=tarfile.LNKTYPE, link="/etc/passwd")),
+        "symlink": tar_of(manifest_for({"model.onnx": onnx}),
+                          member("model.onnx", kind=tarfile.SYMTYPE, link=str(escaped))),
+        "hard link": tar_of(manifest_for({"model.onnx": onnx}),
+                            member("model.onnx", kind=tarfile.LNKTYPE, link="/etc/passwd")),
         "member over the size limit": tar_of(manifest_for({"model.onnx": onnx}), member("model.onnx", size=10 << 30),
                                              end=False),  # 10 GiB declared, 512 bytes sent
         "many small files": tar_of(manifest_for({"model.onnx": onnx}), *many),

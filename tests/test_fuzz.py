@@ -628,7 +628,8 @@ def test_the_op_library_loads_before_or_after_the_executorch_runtime(tiny_dir, t
     if not library_path().exists():
         pytest.skip("the op library is not built here (python -m runtime.et_kernels build)")
     pte = export_model("executorch", tiny_dir, tmp_path / "int8.pte", kv_cache="int8", max_seq_len=64)
-    load_first = "import ctypes; from runtime import et_kernels; ctypes.CDLL(str(et_kernels.library_path()), mode=et_kernels.LOAD_MODE)"
+    load_first = ("import ctypes; from runtime import et_kernels; "
+                  "ctypes.CDLL(str(et_kernels.library_path()), mode=et_kernels.LOAD_MODE)")
     run = f"import runtime; s = runtime.load({str(pte)!r}); s.prefill([1, 2, 3]); s.decode(4); print(s.op_library)"
     for script in (f"{load_first}\n{run}", f"{run}\n{load_first}\n{run}"):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
