@@ -54,9 +54,10 @@ log "the project's source into the root, then: pip install '.[$EXTRAS]' (emulate
 rm -rf "$ROOTFS/opt/hybrid-edge" && mkdir -p "$ROOTFS/opt/hybrid-edge"
 git -C "$HERE" ls-files -z | (cd "$HERE" && xargs -0 tar -cf - --) | tar -xf - -C "$ROOTFS/opt/hybrid-edge"
 chroot "$ROOTFS" /bin/sh -c "[ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv"
-# the host's CA bundle (a proxy's CA, if pip here trusts one), for the root's pip; this host's local links not
-cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOTFS/opt/host-ca.crt"
-chroot "$ROOTFS" /usr/bin/env -u PIP_FIND_LINKS PIP_CERT=/opt/host-ca.crt SSL_CERT_FILE=/opt/host-ca.crt \
+# the root trusts the host's CA bundle (a proxy's CA, where pip here goes through one: Debian's pip reads
+# the system bundle whatever --cert says); this host's local wheel links mean nothing there
+cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
+chroot "$ROOTFS" /usr/bin/env -u PIP_FIND_LINKS -u PIP_CERT \
     /opt/venv/bin/pip install --quiet --disable-pip-version-check "/opt/hybrid-edge[$EXTRAS]"
 t_install=$(( $(date +%s) - started - t_root ))
 chroot "$ROOTFS" /opt/venv/bin/python -c \
