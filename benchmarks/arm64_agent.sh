@@ -5,6 +5,8 @@
 # serving on this machine's loopback; the host measures through it with `edge bench --device`.
 # Timings under emulation mean nothing. What it shows: the light install, the engine path and the records'
 # device block (machine aarch64, the ARM ISA flags the kernel reports: asimd, asimddp, i8mm, sve...) on ARM.
+# qemu-user's default CPU ("max") has every feature, SVE and SME included; /proc/cpuinfo in the root is one
+# written from those features (see below), so the records' `cpu` line names no real chip.
 #
 #   sudo bash benchmarks/arm64_agent.sh          # as root (debootstrap, chroot, binfmt_misc); host venv: .venv
 #   ARM64_ROOT=/var/tmp/arm64 EDGE_PY=/path/to/venv/bin/python bash benchmarks/arm64_agent.sh
@@ -34,6 +36,7 @@ fi
 agent=
 cleanup() {
     [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
+    umount "$ROOTFS/proc/cpuinfo" 2>/dev/null || true
     for m in proc dev sys; do umount "$ROOTFS/$m" 2>/dev/null || true; done
     [ "$registered" = 1 ] && echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64 || true
     rm -rf "$WORK"
@@ -53,6 +56,16 @@ cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 log "the project's source into the root, then: pip install '.[$EXTRAS]' (emulated arm64)"
 rm -rf "$ROOTFS/opt/hybrid-edge" && mkdir -p "$ROOTFS/opt/hybrid-edge"
 git -C "$HERE" ls-files -z | (cd "$HERE" && xargs -0 tar -cf - --) | tar -xf - -C "$ROOTFS/opt/hybrid-edge"
+# qemu-user shows this host's /proc/cpuinfo (x86) to the arm64 process, and ARM code that parses it
+# (onnxruntime's cpuinfo) crashes on import (SIGSEGV): show it an arm64 one, written from the features the
+# emulated CPU reports (HWCAP, device/probe.py), one entry per CPU of /sys
+features=$(chroot "$ROOTFS" /usr/bin/env PYTHONPATH=/opt/hybrid-edge /usr/bin/python3 -c \
+    "from device.probe import arm_features; print(' '.join(['fp', *arm_features(), 'cpuid']))")
+for i in $(seq 0 $(( $(nproc --all) - 1 ))); do
+    printf 'processor\t: %s\nBogoMIPS\t: 100.00\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\n' "$i" "$features"
+    printf 'CPU variant\t: 0x0\nCPU part\t: 0xd0c\nCPU revision\t: 0\n\n'
+done > "$WORK/cpuinfo"
+mount --bind "$WORK/cpuinfo" "$ROOTFS/proc/cpuinfo"
 chroot "$ROOTFS" /bin/sh -c "[ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv"
 # the root trusts the host's CA bundle (a proxy's CA, where pip here goes through one: Debian's pip reads
 # the system bundle whatever --cert says); this host's local wheel links mean nothing there
