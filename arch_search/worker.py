@@ -18,8 +18,9 @@ from pathlib import Path
 from device.client import DeviceUnavailable
 from edge.errors import EdgeError
 from edge.formats import FORMATS
+from runtime.isolate import MeasureFailed, model_name
 
-from .measure import MeasureFailed, export_artifact, measure, summary
+from .measure import export_artifact, measure, summary
 from .proxies import score
 from .study import SearchSettings, _step_aside, _worker_id, is_finished, open_study, recover_interrupted
 
@@ -224,7 +225,7 @@ def reference_artifact(settings: SearchSettings) -> Path:
     import optuna
 
     workdir = settings.out / "reference"
-    artifact = workdir / f"model{FORMATS[settings.measure.target].suffix}"
+    artifact = workdir / model_name(FORMATS[settings.measure.target].suffix)
     if not artifact.exists():
         source = settings.source
         if not source.seeds():

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 import runtime
 from arch_search.budgets import parse_budget
 from arch_search.candidates import RandomBackbones
-from arch_search.measure import MeasureFailed, MeasureSettings, measure, summary
+from arch_search.measure import MeasureSettings, measure, summary
 from arch_search.proxies import ProxyContext, parse_proxy, score
-from arch_search.tasks import multiquery_ar
 from arch_search.space import LFM2_ATTENTION, SPACES, Candidate, distributions, lfm2_layout, seed_params, suggest
+from arch_search.tasks import multiquery_ar
 from edge.cli import main as edge
 from edge.config import HybridConfig
+from runtime.isolate import MeasureFailed
 
 VOCAB = 1024  # the conftest tokenizer's
 FAST = dict(prefill_tokens=(128,), decode_depth=64, n_gen=16, repetitions=3)
