@@ -34,6 +34,7 @@ from arch_search.measure import measure, summary
 from device.client import DeviceTransport
 from edge.cli import main as edge
 from export import export_model
+from test_fuzz import _varint  # the protobuf varint the crafted ONNX headers need
 from test_search import finished_trials, postgres_url  # noqa: F401 - the PostgreSQL fixture of the search tests
 
 # the agents measure GGUF artifacts: skipped, with the cause, where llama.cpp cannot run (tests/engines.py)
@@ -541,15 +542,6 @@ def header_bombs() -> dict[str, tuple[bytes, str]]:
         # an ONNX graph of 3M empty nodes (2 bytes each on the wire, ~100 in an engine's memory)
         "3M ONNX nodes": (b"\x08\x08" + b"\x3a" + _varint(6 * 10**6) + b"\x0a\x00" * 3 * 10**6, "budget"),
     }
-
-
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
-        n >>= 7
-        if not n:
-            return out
 
 
 def put(agent, data: bytes, timeout: float = 60):
