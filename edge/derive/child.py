@@ -3,7 +3,7 @@
 A `ChildSpec` says what becomes of each parent layer (its `layout`: one character per parent layer,
 `a` stays attention, `c` becomes a gated short-conv block, `-` is dropped), the FFN width, the KV heads,
 and how new conv blocks and new QK-norms start. `measure_importance` measures, once per parent on
-calibration text, what the choices are made from (docs/design.md §14):
+calibration text, what the choices are made from (docs/design.md §15):
 - depth: the KL of the parent's next-token distribution to itself with one layer skipped (Minitron's
   loss-when-removed, on logits), and block influence (1 - cos(in, out), ShortGPT);
 - attention: the KL when a layer's attention sees only its last L_cache positions, what a short conv
@@ -193,7 +193,7 @@ def plan_child(parent: Parent, importance: Importance, *, attention: int, drop: 
     """A spec with `attention` attention blocks and `drop` fewer layers, chosen by the measurements:
     the `drop` layers whose removal costs least (drop_kl) go; of the parent's remaining attention layers,
     `attention` stay, picked by `choose`: drop (the largest drop_kl; the best measured, docs/design.md
-    §14), local (the largest loss under a local window), or even (evenly spaced, LFM2's pattern).
+    §15), local (the largest loss under a local window), or even (evenly spaced, LFM2's pattern).
     `options` are ChildSpec's other fields."""
     c = parent.config
     n = c.num_hidden_layers

@@ -1,9 +1,10 @@
 """The distillation corpus: local text split into train and held-out by document, tokenized once.
 
-The default is the Python standard library's own source (every machine has it, ~11 MB without its tests),
-split by module: a module's hash puts it in the held-out tenth or in train, so no held-out window shares
-a file with a training window. A user's corpus (`--corpus PATH`: a text file, or a directory of them) is
-split the same way by file, or by its last tenth when it is one file.
+The default is the Python standard library's own source (edge/corpus.py: every machine has it, ~11 MB
+without its tests), split by module: a module's path hash puts it in the held-out tenth or in train, so no
+held-out window shares a file with a training window. A user's corpus (`--corpus PATH`: a text file, or a
+directory of them) is split by the same rule on its files' relative paths, or by its last tenth when it
+is one file.
 
 Batches are drawn by (seed, step) alone, so a resumed run sees exactly the batches it would have seen,
 and only token ids (4 bytes a token) are held in memory; activations are computed batch by batch.
@@ -11,44 +12,33 @@ and only token ids (4 bytes a token) are held in memory; activations are compute
 from __future__ import annotations
 
 import hashlib
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..corpus import is_heldout, stdlib_files, stdlib_root
 from ..errors import EdgeError
 from ..files import atomic_path
 
-HELDOUT_BUCKETS = 10  # one document in ten is held out
-STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "turtledemo", "__pycache__",
-               "lib2to3", "ensurepip"}
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".html", ".c", ".h", ".js", ".ts"}
 
 
 def stdlib_documents() -> list[tuple[str, Path]]:
-    """(module name, path) of the standard library's .py sources, its tests and vendored packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if STDLIB_SKIP.isdisjoint(rel.parts):
-            docs.append((".".join(rel.with_suffix("").parts), path))
+    """(path relative to the stdlib root, path) of edge.corpus's standard library sources."""
+    root = stdlib_root()
+    docs = [(p.relative_to(root).as_posix(), p) for p in stdlib_files()]
     if not docs:
         raise EdgeError(f"no Python standard library sources under {root}; give --corpus PATH")
     return docs
-
-
-def is_heldout(name: str) -> bool:
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
 
 
 def _user_documents(path: Path) -> list[tuple[str, Path]]:
     if path.is_file():
         return [(path.name, path)]
     if path.is_dir():
-        docs = [(str(p.relative_to(path)), p) for p in sorted(path.rglob("*"))
+        docs = [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*"))
                 if p.is_file() and p.suffix in TEXT_SUFFIXES]
         if docs:
             return docs

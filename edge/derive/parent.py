@@ -1,4 +1,4 @@
-"""Parents: the pretrained models children are derived from (docs/design.md §14).
+"""Parents: the pretrained models children are derived from (docs/design.md §15).
 
 Three sources give one `Parent`, the model as a `HybridLM` in fp32 plus the tokenizer files its children
 inherit and an identity (a hash of the source's bytes):
