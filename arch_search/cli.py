@@ -8,6 +8,7 @@ from edge.errors import EdgeError
 
 from .budgets import measure_settings_for, parse_budget
 from .candidates import RandomBackbones
+from .derive import ParentChildren  # also registers the distill proxy
 from .proxies import parse_proxy
 from .results import best_candidate, describe_candidate, export_best, write_results
 from .space import bounds
@@ -46,7 +47,16 @@ def check_target(target: str, quant: str | None, kv_cache: str | None) -> None:
 
 
 def settings_from_args(args) -> SearchSettings:
-    proxy = parse_proxy(args.quality)
+    parent = getattr(args, "parent", None)
+    quality = args.quality or ("distill" if parent else "params")
+    proxy = parse_proxy(quality)
+    if parent and getattr(args, "tokenizer", None):
+        raise EdgeError("--tokenizer: the children of --parent keep the parent's tokenizer; leave --tokenizer out")
+    if proxy.name == "distill" and not parent:
+        raise EdgeError(f"--quality {quality} scores the children of a pretrained model; give --parent PATH")
+    steps = (getattr(args, "stage1_steps", 200), getattr(args, "stage2_steps", 200))
+    if min(steps) < 0:
+        raise EdgeError(f"--stage1-steps and --stage2-steps must be 0 or more, got {steps[0]} and {steps[1]}")
     budgets = [parse_budget(spec) for spec in args.budget]
     names = [b.name for b in budgets]
     if len(set(names)) != len(names):
@@ -60,10 +70,12 @@ def settings_from_args(args) -> SearchSettings:
         raise EdgeError(f"-t must be at least 1, got {args.threads}")
     check_target(args.target, args.quant, args.kv_cache)
     out = Path(args.out)
-    tokenizer_path, vocab = search_tokenizer(args, out)
     measure = measure_settings_for(budgets, target=args.target, quant=args.quant, kv_cache=args.kv_cache,
                                    threads=args.threads or 1)
-    source = RandomBackbones(args.space, tokenizer_path, vocab)
+    if parent:
+        source = ParentChildren(parent, out, corpus=getattr(args, "corpus", None), export_steps=steps)
+    else:
+        source = RandomBackbones(args.space, *search_tokenizer(args, out))
     return SearchSettings(source=source, proxy=proxy, budgets=budgets, measure=measure, trials=args.trials,
                           out=out, storage=args.storage,
                           study_name=args.study, seed=args.seed, devices=getattr(args, "device", None),

@@ -16,6 +16,8 @@ Registered (benchmarks/RESULTS.md "Proxy validation" measures each against train
                   accuracy, or with no TASK the mean accuracy of all six.
   params          non-embedding parameters (LiteTransformerSearch's training-free proxy): free, but blind
                   to the operator type (a conv block and an attention block of equal size score the same).
+  distill[:STEPS] with --parent (registered by arch_search/derive.py): a child of the parent after STEPS
+                  (default 20) blockwise distillation steps, scored by its held-out KL to the parent.
 Every proxy is seeded (weights, data, batches): a value is reproducible. Its cost is recorded per
 candidate (`quality_s`) apart from the measurement.
 """

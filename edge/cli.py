@@ -291,20 +291,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a constraint: decode_ms=V (ms/token at the budget context), decode_ms@DEPTH=V (after "
                    "DEPTH tokens of context), prefill_ms@N=V (ms for N prompt tokens), mem_mb=V (peak RSS); "
                    "repeatable")
-    s.add_argument("--quality", default="params", help="quality proxy: lm[:FILE][:STEPS] (held-out loss after "
+    s.add_argument("--quality", help="quality proxy: lm[:FILE][:STEPS] (held-out loss after "
                    "STEPS of training on FILE, default the Python standard library's sources) | mqar[:STEPS] | "
                    "mad[:TASK][:STEPS] (MAD's synthetic tasks: recall, fuzzy_recall, noisy_recall, selective_copy, "
-                   "compression, memorization; no TASK: their mean) | params (default params)")
-    s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds")
+                   "compression, memorization; no TASK: their mean) | params | distill[:STEPS] (with --parent: "
+                   "held-out KL to the parent after STEPS blockwise distillation steps, default 20) (default params, "
+                   "with --parent distill)")
+    s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds "
+                   "(random backbones; not used with --parent)")
+    s.add_argument("--parent", metavar="PATH", help="search the children of a pretrained model instead of random "
+                   "backbones (as `edge derive` takes it: HF LFM2 or Llama directory, Llama .gguf, or smollm2): "
+                   "attention blocks kept, layers dropped, FFN width, KV heads; --export-best then derives the best "
+                   "feasible child trained (docs/design.md §15)")
+    s.add_argument("--corpus", metavar="PATH", help="with --parent: text to distill and score on (default: the "
+                   "Python standard library's source, split into train and held-out by module)")
+    s.add_argument("--stage1-steps", type=int, default=200, help="with --parent and --export-best: blockwise "
+                   "distillation steps of 4 x 256 tokens for the exported child (default 200)")
+    s.add_argument("--stage2-steps", type=int, default=200, help="with --parent and --export-best: end-to-end KL "
+                   "distillation steps of 4 x 256 tokens (default 200)")
     s.add_argument("--trials", type=int, default=20, help="total finished trials the study should hold; "
                    "re-running completes the rest (default 20)")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); "
                    "postgresql://... for many workers")
     s.add_argument("--study", default="edge-search", help="study name (default edge-search)")
     s.add_argument("--out", required=True, metavar="DIR", help="directory for the front table, JSON and plot")
-    s.add_argument("--export-best", metavar="DIR", help="write the best feasible checkpoint and its artifact here")
+    s.add_argument("--export-best", metavar="DIR", help="write the best feasible checkpoint and its artifact here "
+                   "(random backbones: their random weights, train it; --parent: the child trained)")
     s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or checkpoint dir whose tokenizer (and vocab "
-                   "size) every candidate gets (default: one trained on the default corpus, saved in OUT)")
+                   "size) every candidate gets (default: one trained on the default corpus, saved in OUT; with "
+                   "--parent: the parent's)")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     s.add_argument("-t", "--threads", type=int, default=1, help="CPU threads for measurements (default 1)")
     s.add_argument("--device", action="append", metavar="URL", help="measure candidates on the device agent at "

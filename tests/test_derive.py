@@ -444,3 +444,57 @@ def test_edge_derive_cli(checkpoints, tmp_path):
     bad = subprocess.run([*cmd[:5], "--layout", "ac", "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "layout 'ac'" in bad.stderr
 
+
+# ---- edge search --parent ----------------------------------------------------------------------------------
+@pytest.mark.engine("llamacpp")
+def test_search_over_a_parents_children_exports_the_best_trained(llama_dir, tmp_path):
+    """`edge search --parent`: children of the tiny Llama measured in llama.cpp and scored by the distill
+    proxy; --export-best derives the best feasible one trained: an HF LFM2 checkpoint transformers loads,
+    with the parent's tokenizer and chat template, and its GGUF."""
+    import transformers
+
+    import runtime
+    from edge.tokenizer import default_corpus
+
+    text = tmp_path / "corpus.txt"  # ~0.5 MB: tokenized in a second, its last tenth held out
+    text.write_text(default_corpus())
+    out, best = tmp_path / "out", tmp_path / "best"
+    cmd = [sys.executable, "-m", "edge.cli", "search", "--parent", str(llama_dir), "--corpus", str(text),
+           "--target", "gguf", "--budget", "decode_ms@64=1000", "--trials", "2", "--quality", "distill:3",
+           "--stage1-steps", "3", "--stage2-steps", "2", "-t", "1", "--out", str(out), "--export-best", str(best)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "front.json").read_text())
+    trials = json.loads((out / "trials.json").read_text())
+    parent = load_parent(llama_dir)
+    assert result["source"]["parent"] == parent.identity and result["quality"] == "distill:3"
+    assert len(trials) == 2 and len({t["hash"] for t in trials}) == 2
+    for t in trials:  # every trial a child of the parent, measured and scored
+        ChildSpec(**t["candidate"]).check(parent.config)
+        assert t["figures"]["decode_ms"] > 0 and t["quality"] == t["quality_details"]["distill"]["kl"] >= 0
+    winner = min(result["front"], key=lambda f: (f["quality"], f["decode_ms"]))
+    report = json.loads((best / "checkpoint" / "derive.json").read_text())
+    assert report["spec"] == winner["candidate"] and report["parent"]["identity"] == parent.identity
+    assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2  # trained, not the measured weights
+    hf = transformers.AutoModelForCausalLM.from_pretrained(best / "checkpoint")
+    assert hf.config.model_type == "lfm2" and hf.config.layer_types.count("full_attention") == report["spec"][
+        "layout"].count("a")
+    theirs, ours = (transformers.AutoTokenizer.from_pretrained(p) for p in (llama_dir, best / "checkpoint"))
+    assert ours.chat_template == theirs.chat_template
+    for t in TEXTS:
+        assert ours(t, add_special_tokens=False)["input_ids"] == theirs(t, add_special_tokens=False)["input_ids"], t
+    with runtime.load(best / "model.gguf", n_threads=1) as s:
+        assert s.config.layer_types == hf.config.layer_types
+        assert s.encode(TEXTS[0]) == parent.tokenizer().encode(TEXTS[0], add_special_tokens=False).ids
+
+
+def test_search_parent_options_are_one_line(llama_dir, tmp_path, capsys):
+    from edge.cli import main as edge
+
+    base = ["search", "--target", "gguf", "--out", str(tmp_path / "out")]
+    for args, says in ((["--quality", "distill"], "--parent"), (["--parent", str(tmp_path / "none")], "none"),
+                       (["--parent", str(llama_dir), "--tokenizer", str(llama_dir)], "parent's tokenizer"),
+                       (["--parent", str(llama_dir), "--quality", "distill:x"], "distill:x")):
+        assert edge([*base, *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and says in err, err
