@@ -24,9 +24,9 @@ from pathlib import Path
 
 from edge.derive import ChildSpec, Corpus, blockwise, build, child_config, importance_for, load_parent, plan_child, \
     save_child, score
-from edge.derive.child import needs_importance
 from edge.derive.run import derive
 from edge.errors import EdgeError
+from edge.files import atomic_path
 
 from .candidates import CandidateSource
 from .proxies import Proxy, ProxyContext, _steps, register
@@ -63,7 +63,8 @@ class ParentChildren(CandidateSource):
         self.work = Path(out) / "derive"
         self.work.mkdir(parents=True, exist_ok=True)
         self.tokenizer_path = Path(out) / "tokenizer.json"  # the parent's: every child keeps it
-        self.tokenizer_path.write_text(self.parent.tokenizer_json, encoding="utf-8")
+        with atomic_path(self.tokenizer_path) as tmp:
+            Path(tmp).write_text(self.parent.tokenizer_json, encoding="utf-8")
         self.vocab_size = self.parent.config.vocab_size
         self.corpus_source = corpus
         self.export_steps = export_steps
@@ -77,9 +78,8 @@ class ParentChildren(CandidateSource):
             self._corpus = Corpus.build(self.parent.tokenizer(), self.corpus_source, cache_dir=self.work)
         return self._corpus
 
-    def importance(self, spec: ChildSpec | None = None):
-        if spec is not None and not needs_importance(self.parent, spec) and self._importance is None:
-            return None
+    def importance(self):
+        """The parent's measured importance: every trial plans its child from it."""
         if self._importance is None:
             self._importance = importance_for(self.parent, self.corpus, self.work, progress=self.progress)
         return self._importance
@@ -147,7 +147,7 @@ class ParentChildren(CandidateSource):
 
     # ---- weights ------------------------------------------------------------------------------------
     def build(self, candidate: Child, seed: int = 0):
-        return build(self.parent, candidate.spec, self.importance(candidate.spec), self.corpus, seed=seed)
+        return build(self.parent, candidate.spec, self.importance(), self.corpus, seed=seed)
 
     def write_checkpoint(self, candidate: Child, directory: Path, seed: int = 0) -> Path:
         """The child with its inherited weights, untrained: what the device measures."""
