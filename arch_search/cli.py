@@ -9,7 +9,7 @@ from edge.errors import EdgeError
 from .budgets import measure_settings_for, parse_budget
 from .candidates import RandomBackbones
 from .derive import ParentChildren  # also registers the distill proxy
-from .proxies import parse_proxy
+from .proxies import DEFAULT_PROXY, parse_proxy
 from .results import best_candidate, describe_candidate, export_best, write_results
 from .space import bounds
 from .study import SearchSettings
@@ -48,7 +48,7 @@ def check_target(target: str, quant: str | None, kv_cache: str | None) -> None:
 
 def settings_from_args(args) -> SearchSettings:
     parent = getattr(args, "parent", None)
-    quality = args.quality or ("distill" if parent else "params")
+    quality = args.quality or ("distill" if parent else DEFAULT_PROXY)
     proxy = parse_proxy(quality)
     if parent and getattr(args, "tokenizer", None):
         raise EdgeError("--tokenizer: the children of --parent keep the parent's tokenizer; leave --tokenizer out")

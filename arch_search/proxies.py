@@ -39,6 +39,11 @@ from edge.model import DynamicCache, HybridLM
 
 from .tasks import IGNORE, MAD_TASKS, Task, multiquery_ar
 
+# `edge search`'s --quality when none is given: the cheapest proxy that ranked trained architectures as their
+# training did (Kendall tau >= 0.7 overall, >= 0.5 within each latency band), chosen by
+# benchmarks/proxy_validation.py (`choose_default`; its records: benchmarks/results/proxy_validation/report.json)
+DEFAULT_PROXY = "lm:10"
+
 
 @dataclass(frozen=True)
 class ProxyContext:

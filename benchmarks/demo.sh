@@ -53,8 +53,8 @@ fi
 echo "== 4. benchmark: the PyTorch reference and every artifact, interleaved (pp128 / tg32, 3 repetitions)"
 edge bench "$out/tiny" "${artifacts[@]}" -p 128 -n 32 -r 3 -t "$threads" --json "$out/bench.json"
 
-echo "== 5. architecture search: tiny LFM2-style backbones measured in llama.cpp under budgets (${DEMO_SEARCH_TRIALS:-12} candidates, ~5-10 s each)"
-edge search --target gguf --quant q4_0 --kv-cache q8_0 --space tiny --quality params \
+echo "== 5. architecture search: tiny LFM2-style backbones measured in llama.cpp under budgets (${DEMO_SEARCH_TRIALS:-12} candidates, ~5-10 s each, plus ~6 s of training for the default quality proxy lm:10 within budget)"
+edge search --target gguf --quant q4_0 --kv-cache q8_0 --space tiny \
   --budget decode_ms@128=1 --budget prefill_ms@128=40 --trials "${DEMO_SEARCH_TRIALS:-12}" \
   --tokenizer "$out/tiny" --out "$out/search" --export-best "$out/search/best" -t "$threads"
 

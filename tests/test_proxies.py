@@ -2,12 +2,14 @@
 attention solving the recall tasks that a conv-only backbone cannot, at a size that runs in seconds."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from arch_search.proxies import (LMProxy, MADSuite, Proxy, ProxyContext, TaskProxy, parse_proxy, proxy_usages,
+from arch_search.proxies import (DEFAULT_PROXY, LMProxy, MADSuite, Proxy, ProxyContext, TaskProxy, parse_proxy, proxy_usages,
                                  register, score)
 from arch_search.tasks import IGNORE, MAD_TASKS, compression, fuzzy_recall, in_context_recall, memorization, \
     noisy_recall, selective_copying
@@ -133,3 +135,16 @@ def test_the_stdlib_corpus_splits_by_module():
     assert 0.03 < len(heldout) / len(train | heldout) < 0.2   # HELDOUT_SHARE = 0.1 by path hash
     assert not any("site-packages" in p.parts or "test" in p.parts for p in train)
     assert describe()["heldout_files"] == len(heldout)
+
+
+def test_the_search_default_is_the_proxy_the_validation_chose():
+    """`edge search` without --quality runs the proxy that benchmarks/proxy_validation.py's committed records
+    choose (`choose_default`): changing the default means re-measuring and committing the records."""
+    from edge.cli import build_parser
+
+    records = Path(__file__).resolve().parents[1] / "benchmarks/results/proxy_validation/report.json"
+    assert parse_proxy(DEFAULT_PROXY).spec() == json.loads(records.read_text())["default"]
+    args = build_parser().parse_args(["search", "--target", "gguf", "--out", "x"])
+    assert args.quality is None   # arch_search/cli.py resolves it to DEFAULT_PROXY
+    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    assert f"default {DEFAULT_PROXY}" in " ".join(search.format_help().split())
