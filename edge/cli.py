@@ -69,7 +69,8 @@ def cmd_export(args):
     from export import export_model
 
     options = {k: v for k, v in dict(group_size=args.group_size, embedding_quant=args.embedding_quant,
-                                     prefill_chunk=args.prefill_chunk).items() if v is not None}
+                                     prefill_chunk=args.prefill_chunk, quant_method=args.quant_method,
+                                     calib=args.calib).items() if v is not None}
     out = export_model(args.format, args.model_dir, args.output, quant=args.quant, kv_cache=args.kv_cache,
                        max_seq_len=args.max_seq_len, **options)
     out = Path(out)
@@ -148,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "default 32; onnx int4: default 32, symmetric, with an 8-bit lm_head; 128 is faster at mean "
                    "cos 0.977 on random checkpoints, under the 4-bit bound's 0.98, vs 0.986; "
                    "benchmarks/results/fidelity.md)")
+    s.add_argument("--quant-method", help="how the 4-bit weights are rounded: "
+                   f"{_vocab('quant_methods', lambda f: f.quant_methods)} (default: the first). gguf (q4_0, q4_k_s, "
+                   "q4_k_m, iq4_xs, q5_k_m, q6_k): imatrix = llama.cpp's quantizer weighted by an importance matrix "
+                   "that the fp32 model computes on --calib text (~1 forward pass over 1024 tokens: ~1 min at 1.2B, "
+                   "the checkpoint in memory), plain = without it. executorch 8da4w: hqq = torchao's HQQ scale "
+                   "search (data-free, seconds), rtn = absmax round-to-nearest. onnx int4: rtn = ORT's default "
+                   "symmetric quantizer (fastest kernels); k_quant = its llama.cpp-style scale/min search "
+                   "(asymmetric, uint8 zero points; data-free, ~10x rtn's time); hqq = its HQQ (float zero "
+                   "points: ORT's CPU kernel runs them ~40x slower, not for CPU); gptq = its GPTQ on --calib "
+                   "activations (cubic in the width: ~1 min at 350M with 1024 tokens, far longer at 1.2B)")
+    s.add_argument("--calib", metavar="FILE", help="UTF-8 text the calibrated quantizers read (gguf imatrix, onnx "
+                   "gptq, onnx --kv-cache int8's scales); default: the Python standard library's source, present "
+                   "on every machine (export/calib.py). Refused where nothing reads it")
     s.add_argument("--embedding-quant", help="executorch: quantize the embedding table too (none|int8|int4)")
     s.add_argument("--prefill-chunk", type=int, help="executorch: most tokens one forward call takes "
                    "(longer prompts are split; default 128)")
