@@ -231,6 +231,38 @@ def test_executorch_only_options_refused(checkpoints, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# ---- int4 quantizers (issue 27): onnxruntime's own, one weight at a time -----------------------------------
+@pytest.mark.parametrize("method", ["k_quant", "gptq"])
+def test_int4_quant_methods(method, checkpoints, reference, tmp_path):
+    """ORT's k_quant (asymmetric: uint8 zero points, which the tied embedding's GatherBlockQuantized reads
+    too) and gptq (on the calibration text's activations) write MatMulNBits that meet the 4-bit bound."""
+    d = checkpoints("trained:tiny")
+    path = export_model("onnx", d, tmp_path / f"{method}.onnx", quant="int4", kv_cache="fp32", max_seq_len=128,
+                        quant_method=method, head_bits=4)
+    graph = onnx.load(str(path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert (meta["edge.quant_method"], meta["edge.head_bits"]) == (method, "4")
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) > 3 and n.input[3] for n in nbits) == (method == "k_quant")
+    gather = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1 and (len(gather[0].input) == 4) == (method == "k_quant")
+    session = load(path, n_threads=1)
+    assert_parity(reference(d), session_logits(session, PARITY_IDS), "4bit")
+
+
+def test_quant_method_and_calib_refusals(checkpoints, tmp_path):
+    d, out = checkpoints("tiny"), tmp_path / "x.onnx"
+    cases = [(dict(quant="int4", quant_method="imatrix"), ("'imatrix'", "k_quant")),
+             (dict(quant="int8", quant_method="k_quant"), ("--quant-method", "int8")),
+             (dict(quant="int4", quant_method="rtn", calib=__file__), ("--calib", "drop it")),
+             (dict(quant="int4", quant_method="gptq", calib=tmp_path / "missing.txt"), ("missing.txt",))]
+    for options, words in cases:
+        with pytest.raises(EdgeError) as e:
+            export_model("onnx", d, out, kv_cache="fp32", **options)
+        one_line_error(e, *words)
+    assert not out.exists()
+
+
 def test_missing_metadata(artifact, tmp_path):
     graph = onnx.load(str(artifact("tiny", "fp32", "fp32")))
     del graph.metadata_props[:]
