@@ -181,7 +181,7 @@ SETTINGS = [
     Setting("onnx", "int8", {}, "8-bit reference: per-channel 7-bit, fp32 embedding", ("random", "text")),
     Setting("onnx", "int4", {"quant_method": "rtn"}, "symmetric block 32; 8-bit head, the embedding reads it", ALL),
     Setting("onnx", "int4", {"quant_method": "rtn", "head_bits": 4}, "symmetric block 32, 4-bit head"),
-    Setting("onnx", "int4", {"quant_method": "rtn", "group_size": 64}, "symmetric block 64; 8-bit head"),
+    Setting("onnx", "int4", {"quant_method": "rtn", "group_size": 64}, "symmetric block 64; 8-bit head", ALL),
     Setting("onnx", "int4", {"quant_method": "rtn", "group_size": 128}, "symmetric block 128; 8-bit head"),
     Setting("onnx", "int4", {"quant_method": "k_quant"}, "asymmetric (uint8 zero points) block 32; 8-bit head"),
     Setting("onnx", "int4", {"quant_method": "k_quant", "head_bits": 4}, "k_quant block 32, 4-bit head"),
@@ -194,10 +194,11 @@ SETTINGS = [
     Setting("onnx", GENAI, {}, "symmetric block 32, 4-bit head; fp32 KV", ALL, True),
     Setting("onnx", GENAI, {"algo_config": "k_quant"}, "k_quant block 32, 4-bit head; fp32 KV", ALL, True),
     Setting("onnx", GENAI, {"algo_config": "k_quant_last"}, "k_quant block 32, 8-bit head; fp32 KV", TINY, True),
+    Setting("onnx", GENAI, {"algo_config": "rtn_last"}, "ORT's RTN block 32, 8-bit head; fp32 KV", TINY, True),
     Setting("executorch", "8da4w", {"quant_method": "rtn"}, "group 32; int8 embedding; lm_head int8 per channel", ALL),
     Setting("executorch", "8da4w", {"quant_method": "hqq"}, "group 32; int8 embedding; lm_head int8 per channel", ALL),
     Setting("executorch", "8da4w", {"quant_method": "hqq", "head_bits": 4}, "group 32; int8 embedding; 4-bit head"),
-    Setting("executorch", "8da4w", {"quant_method": "hqq", "group_size": 64}, "group 64; lm_head int8"),
+    Setting("executorch", "8da4w", {"quant_method": "hqq", "group_size": 64}, "group 64; lm_head int8", ALL),
     Setting("executorch", EXPORT_LLAMA, {}, "hqq group 32 incl. the output; fp32 embedding and KV", ALL, True),
 ]
 
@@ -335,7 +336,7 @@ def measure(ckpt: str, model_dir: Path, s: Setting, refs: dict) -> dict:
     export_s = time.time() - started
     config = HybridConfig.load(model_dir)
     row = dict(checkpoint=ckpt, format=s.fmt, quant=s.quant, options=s.options, note=s.note, peer=s.peer,
-               file_bytes=artifact_bytes(path), config=config.to_dict(), export_s=round(export_s, 1))
+               file_bytes=artifact_bytes(path), export_s=round(export_s, 1))
     for seq, (ids, ref) in refs.items():
         session = open_session(s, path, model_dir)  # a fresh one per sequence (export_llama's cannot reset)
         try:
