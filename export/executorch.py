@@ -45,7 +45,10 @@ from edge.formats.executorch import (EMBEDDING_QUANTS, FORMAT, METADATA_VERSION,
 # library in the runner; int8-stock is the same int8 cache written with llama::update_cache and read by
 # llama::custom_quantized_sdpa, ExecuTorch's stock ops, for runners that cannot link our library (prebuilt
 # ExecuTorch packages), slower on x86 (benchmarks/RESULTS.md)
-DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
+# 8da4w's group: 32, what the XNNPACK docs recommend. With hqq scales, groups of 64 also stay within
+# docs/design.md §5's 4-bit bound (absmax rounding needs 32) for 4% fewer bytes per token at lfm2-350m, but
+# fall below export_llama's fidelity on LFM2-350M's shapes (benchmarks/RESULTS.md, issue 27): an option
+DEFAULT_GROUP_SIZE = 32
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -305,10 +308,10 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     model = load_model(model_dir)
     config = model.config
     embedding_quant = embedding_quant or ("none" if quant == "fp32" else "int8")
+    method = quant_method or (FORMAT.quant_methods[0] if quant == "8da4w" else "rtn")
     _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk, quant_method,
                    calib, head_bits)
     prefill_chunk = min(prefill_chunk, max_seq_len)
-    method = quant_method or (FORMAT.quant_methods[0] if quant == "8da4w" else "rtn")
     skipped = prepare_model(model, quant, group_size, embedding_quant, method, head_bits)
     if kv_cache == "int8-stock":  # the same cache, ExecuTorch's own int8 attention kernel
         kv_cache, attention, kv_label = "int8", "llama", "int8-stock"

@@ -34,8 +34,8 @@ from edge.chat import read_chat_template
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
-from edge.formats.gguf import (ARCH, DIRECT_QUANTS, FORMAT, IMATRIX_FILE_TYPES, IMATRIX_QUANTS, K_QUANTS, KV_CACHE_KEY,
-                               check_llamacpp_can_run, llama_log)
+from edge.formats.gguf import (ARCH, DEFAULT_METHODS, DIRECT_QUANTS, IMATRIX_FILE_TYPES, IMATRIX_QUANTS, K_QUANTS,
+                               KV_CACHE_KEY, check_llamacpp_can_run, llama_log)
 from edge.tokenizer import tokenizer_json
 
 # tensors llama.cpp's converter keeps in f32 whatever the file type (besides every 1-D tensor)
@@ -44,14 +44,14 @@ F32_TENSORS = (MODEL_TENSOR.SHORTCONV_CONV,)
 
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int, quant_method: str | None = None,
            calib=None, **options) -> Path:
-    """quant_method: how llama.cpp rounds IMATRIX_QUANTS (edge/formats/gguf.py; default FORMAT.quant_methods[0]);
+    """quant_method: how llama.cpp rounds IMATRIX_QUANTS (edge/formats/gguf.py; default DEFAULT_METHODS);
     calib: the text file the importance matrix is computed on (export/calib.py)."""
     if options:
         raise EdgeError(f"gguf export takes no {'/'.join('--' + k.replace('_', '-') for k in options)}; "
                         "GGUF block sizes are fixed by the --quant type")
     if quant_method is not None and quant not in IMATRIX_QUANTS:
         raise EdgeError(f"--quant-method applies to gguf {'/'.join(IMATRIX_QUANTS)}, not {quant}; drop it")
-    imatrix = quant in IMATRIX_QUANTS and (quant_method or FORMAT.quant_methods[0]) == "imatrix"
+    imatrix = quant in IMATRIX_QUANTS and (quant_method or DEFAULT_METHODS[quant]) == "imatrix"
     if calib is not None and not imatrix:
         raise EdgeError(f"--calib is read by gguf's --quant-method imatrix ({'/'.join(IMATRIX_QUANTS)}); this "
                         "export computes no importance matrix; drop it")

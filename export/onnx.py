@@ -54,15 +54,17 @@ from edge.tokenizer import tokenizer_json
 from export.genai import SINGLE_FILE_LIMIT, write_model_folder
 from edge.formats.onnx import ATTENTION_MASK, FORMAT, META_PREFIX, present_name, state_names
 
-# int4 block size by default: 32, ORT's fast MLAS int8-compute block on x86 (a 65536 x 1024 lm_head GEMV on
-# AVX2: block 16 5.8 ms, block 32 2.0 ms, the onnxruntime-genai builder's default too), with the lm_head (and
-# the tied embedding reading its blocks) at 8 bits, as llama.cpp's q4_0 keeps its output matrix at q8_0 and
-# our ExecuTorch 8da4w keeps its lm_head int8: a 4-bit head misses docs/design.md §5's 4-bit bound on a
-# random transformers-made checkpoint even at block 32 (benchmarks/bench_fidelity.py; RESULTS.md 2026-11-30).
-# --group-size 128 is ORT's quantizer default and MLAS's fastest int8 kernel, an option at its fidelity.
-GROUP_SIZES = (32, 16)
-HEAD_BITS, HEAD_BLOCKS = 8, (128, 64, 32, 16)
-CALIBRATED_METHODS = ("gptq",)  # int4 methods that read calibration activations (--calib)  # 8-bit head: block 128 as fast as any here (3.2 ms vs 3.6 at 32)
+# int4 block size by default: 64 (the first of GROUP_SIZES dividing the hidden size), symmetric, with the lm_head
+# (and the tied embedding reading its blocks) at 8 bits, as llama.cpp's q4_0 keeps its output matrix at q8_0 and
+# our ExecuTorch 8da4w keeps its lm_head int8: a 4-bit head misses docs/design.md §5's 4-bit bound on a random
+# transformers-made checkpoint with every quantizer ORT ships except hqq, whose float zero points its CPU kernel
+# runs ~40x slower. Block 64 is within the bound on the random, trained and text-trained checkpoints, close to
+# block 32 on the trained ones (less faithful at LFM2-350M's random shapes, still more than the genai builder's
+# default), for 10% fewer bytes per token in the 4-bit body (benchmarks/bench_fidelity.py; RESULTS.md issue 27);
+# 32 (the onnxruntime-genai builder's) and 16 remain --group-size options, 128 misses the bound.
+GROUP_SIZES = (64, 32, 16)
+HEAD_BITS, HEAD_BLOCKS = 8, (128, 64, 32, 16)  # 8-bit head: block 128 as fast as any here (3.2 ms vs 3.6 at 32)
+CALIBRATED_METHODS = ("gptq",)  # int4 methods that read calibration activations (--calib)
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
@@ -662,6 +664,12 @@ def _ort_weight_only(node, w: np.ndarray, group_size: int, bits: int, method: st
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N])],
         [numpy_helper.from_array(w, weight_name)]), opset_imports=[helper.make_opsetid("", OPSET)])
     symmetric = method == "gptq"  # k_quant and hqq are asymmetric by construction
+    if method == "k_quant" and -(-K // group_size) % 2:
+        # onnxruntime 1.32's neural_compressor packs two 4-bit zero points per byte across columns, which for an
+        # odd number of blocks per column is not MatMulNBits' per-column layout (it fails, or misplaces them)
+        raise EdgeError(f"onnx k_quant needs an even number of blocks per column; {node.input[1]} has {K} rows, "
+                        f"{-(-K // group_size)} block(s) of {group_size}; use a smaller --group-size or another "
+                        "--quant-method")
     if method == "k_quant":
         config = mnq.KQuantWeightOnlyQuantConfig(customized_weight_config={"matmul": {"bits": bits}})
     elif method == "hqq":

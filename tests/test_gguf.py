@@ -167,15 +167,17 @@ def test_importance_matrix_covers_every_block_weight(model_dir, gguf_file):
 @pytest.mark.parametrize("quant", ["q4_0", "iq4_xs", "q4_k_s"])
 def test_imatrix_quants_meet_the_bound(model_dir, reference, tmp_path, quant):
     """Rows of 256 (wide): llama.cpp's own 4-bit types, with and without the importance matrix, both meeting
-    the 4-bit bound on a trained model; the importance matrix changes the rounding, not the types."""
+    the 4-bit bound on a trained model. The importance matrix changes the rounding of the block weights
+    (llama.cpp's mix also moves a few tensors between types with one; plain q4_0 is gguf-py's writer)."""
     trained = model_dir("trained_wide")
     files = {m: export_model("gguf", trained, tmp_path / f"{quant}-{m}.gguf", quant=quant, quant_method=m)
              for m in ("plain", "imatrix")}
     read = {m: {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(f).tensors} for m, f in files.items()}
-    assert {n: t for n, (t, _) in read["plain"].items()} == {n: t for n, (t, _) in read["imatrix"].items()}
-    assert read["plain"]["blk.0.ffn_up.weight"][1] != read["imatrix"]["blk.0.ffn_up.weight"][1]
+    same_type = [n for n, (t, _) in read["plain"].items() if n.startswith("blk.") and read["imatrix"][n][0] == t
+                 and t not in (QType.F32, QType.F16)]
+    assert same_type and any(read["plain"][n][1] != read["imatrix"][n][1] for n in same_type)
     if quant == "iq4_xs":
-        assert read["plain"]["blk.0.ffn_up.weight"][0] == QType.IQ4_XS
+        assert read["imatrix"]["blk.0.ffn_up.weight"][0] == QType.IQ4_XS
     for m, f in files.items():
         session = load(f, n_threads=1)
         assert session.quant == quant

@@ -42,8 +42,8 @@ class Format:
     exact_quant: str                  # unquantized weights (what parity's "exact" bound assumes)
     exact_kv_cache: str               # the most precise KV cache the engine stores
     kv_cache_at_load: bool            # True: load(kv_cache=...) may pick another; False: fixed at export
-    # how the 4-bit weights are rounded (`--quant-method`), the default first: each format's contract module
-    # (edge/formats/<name>.py) says which quants take which method and what each costs
+    # how the 4-bit weights are rounded (`--quant-method`), the default first (GGUF's varies by quant): each
+    # format's contract module and exporter say which quants take which method and what each costs
     quant_methods: tuple[str, ...] = ()
     folder: bool = False              # an output path without the suffix is a model folder (onnxruntime-genai)
 
@@ -79,8 +79,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            quants=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_s", "q4_k_m", "iq4_xs", "q5_k_m", "q6_k"),
            kv_caches=("f16", "q8_0", "q4_0"), default_quant="q8_0", default_kv_cache="f16",
            exact_quant="f32", exact_kv_cache="f16", kv_cache_at_load=True,
-           # plain: llama.cpp's quantizer as is; imatrix: with an importance matrix from --calib
-           quant_methods=("plain", "imatrix")),
+           # imatrix: llama.cpp's quantizer with an importance matrix from --calib; plain: without one (the
+           # default per quant: edge/formats/gguf.py DEFAULT_METHODS)
+           quant_methods=("imatrix", "plain")),
     Format("executorch", ".pte", engine="executorch", engine_package=("executorch", "executorch"),
            exporter_ref="export.executorch:export", backend_ref="runtime.executorch:ExecuTorchSession",
            quants=("fp32", "8da8w", "8da4w"),
@@ -89,7 +90,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            kv_caches=("fp32", "int8", "int8-stock"), default_quant="8da8w",
            # fp32: the exact cache; int8 holds ~0.27x the bytes at mean cos ~0.9999 and decodes faster deep in the context
            default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False,
-           quant_methods=("rtn", "hqq")),  # absmax round-to-nearest, or torchao's HQQ scale search
+           quant_methods=("hqq", "rtn")),  # torchao's HQQ scale search, or absmax round-to-nearest
     Format("onnx", ".onnx", engine="onnxruntime", engine_package=("onnxruntime", "onnxruntime"),
            exporter_ref="export.onnx:export", backend_ref="runtime.onnxruntime:OnnxSession",
            quants=("fp32", "int8", "int4"), kv_caches=("fp32", "fp16", "int8"), default_quant="int8",

@@ -47,6 +47,12 @@ assert (*DIRECT_QUANTS, *K_QUANTS) == FORMAT.quants, "edge/formats/__init__.py l
 # applies to the quants llama.cpp rounds with it; q8_0 and the float types ignore it.
 IMATRIX_QUANTS = ("q4_0", *K_QUANTS)
 IMATRIX_FILE_TYPES = {"q4_0": LlamaFileType.MOSTLY_Q4_0, **K_QUANTS}
+# each quant's --quant-method when none is given (benchmarks/RESULTS.md, issue 27): the importance matrix lowered
+# q4_k_m's KL on every checkpoint measured and q4_0's on every one's id sequence (the random one's text sequence
+# rose, 0.00086 -> 0.00095); IQ4_XS it left level on the text-trained checkpoint, improved on the tiny trained
+# one and worsened on both random ones (LFM2-350M's shapes: KL 0.056 -> 0.066). Given an imatrix llama.cpp also
+# drops IQ4_XS's q5_K for the first ffn_down layers
+DEFAULT_METHODS = {**{q: "imatrix" for q in IMATRIX_QUANTS}, "iq4_xs": "plain"}
 
 # KV-cache types llama.cpp takes at context creation; the artifact stores its default under KV_CACHE_KEY
 KV_CACHES = FORMAT.kv_caches
