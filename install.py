@@ -14,7 +14,8 @@ Why a script and not a bare `pip install -e .`: llama-cpp-python compiles llama.
   flags would be reused silently. We build with pip's cache off and keep the wheel in our own cache,
   keyed by the version, the flags, the compiler and the CPU's feature flags.
 Then our ExecuTorch op library (`python -m runtime.et_kernels build`, CMake against the executorch wheel).
-Everything else comes from `pyproject.toml`. Uses only the standard library.
+Everything else comes from `pyproject.toml` (the base and the `host` extra; a device agent installs the
+light `agent` extras instead, README). Uses only the standard library.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ BUILD_RECORD = "hybrid-edge-llama-build.json"  # in the venv: how its llama.cpp 
 
 
 def pinned(name: str) -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in deps:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in [*project["dependencies"], *project["optional-dependencies"]["host"]]:
         if dep.split("==")[0].strip() == name:
             return dep.split("==")[1].strip()
     raise SystemExit(f"error: pyproject.toml pins no {name}")
@@ -146,7 +147,7 @@ def main() -> None:
         print(f"llama.cpp: {venv} already has the build for this CPU and these flags", flush=True)
     t_llama = time.monotonic() - start
 
-    target = f".[{args.extras}]" if args.extras else "."
+    target = f".[{','.join(['host', *filter(None, args.extras.split(','))])}]"  # the host: every engine
     run([*pip, "install", "-e", target], cwd=ROOT)  # llama-cpp-python's pin is already satisfied above
     # our ExecuTorch kernels (edge::int8_sdpa, edge::int8_update_cache) as a shared library, built with
     # CMake against the executorch wheel; a .pte with the int8 KV cache needs it (docs/design.md §11)

@@ -6,10 +6,13 @@ from pathlib import Path
 
 from edge.errors import EdgeError
 
-from .quality import parse_proxy
-from .search import (SearchSettings, best_candidate, describe_candidate, export_best, measure_settings_for,
-                     parse_budget, run_search, write_results)
+from .budgets import measure_settings_for, parse_budget
+from .candidates import RandomBackbones
+from .proxies import parse_proxy
+from .results import best_candidate, describe_candidate, export_best, write_results
 from .space import bounds
+from .study import SearchSettings
+from .worker import run_search
 
 # vocabulary of the tokenizer trained when --tokenizer is not given (the default corpus yields ~10k tokens)
 DEFAULT_VOCAB = {"tiny": 1024, "small": 8192, "full": 8192}
@@ -60,8 +63,9 @@ def settings_from_args(args) -> SearchSettings:
     tokenizer_path, vocab = search_tokenizer(args, out)
     measure = measure_settings_for(budgets, target=args.target, quant=args.quant, kv_cache=args.kv_cache,
                                    threads=args.threads or 1)
-    return SearchSettings(space=args.space, proxy=proxy, budgets=budgets, measure=measure, trials=args.trials,
-                          out=out, tokenizer_path=tokenizer_path, vocab_size=vocab, storage=args.storage,
+    source = RandomBackbones(args.space, tokenizer_path, vocab)
+    return SearchSettings(source=source, proxy=proxy, budgets=budgets, measure=measure, trials=args.trials,
+                          out=out, storage=args.storage,
                           study_name=args.study, seed=args.seed, devices=getattr(args, "device", None),
                           device_token_file=getattr(args, "device_token_file", None),
                           drift_every=getattr(args, "drift_every", 0))
@@ -84,14 +88,14 @@ def main(args) -> None:
         raise EdgeError(
             f"no candidate meets every budget; closest: {miss['budget']}={miss['limit']:g} missed {how}by "
             f"{miss['over']:.4g} {miss['unit']} ({100 * miss['relative']:.0f}%) by trial {miss['trial']} "
-            f"({describe_candidate(miss['candidate'])}); raise that budget or search a smaller --space "
+            f"({describe_candidate(miss['candidate'], settings)}); raise that budget or search a smaller --space "
             f"(all trials: {out / 'trials.json'}, plot: {out / 'front.png'})")
     print(f"Pareto front of the feasible candidates ({len(result['front'])}):\n")
     print(result["table"])
     print(f"\nwrote {out / 'front.md'}, {out / 'front.json'}, {out / 'front.png'}, {out / 'trials.json'}")
     if args.export_best:
         best = best_candidate(result["front"], maximize=settings.proxy.direction == "maximize")
-        artifact = export_best(best, settings, Path(args.export_best))
-        print(f"best feasible candidate: trial {best['trial']} ({describe_candidate(best['candidate'])}); "
-              f"wrote {Path(args.export_best) / 'checkpoint'} (random weights: train it) and {artifact}")
+        checkpoint, artifact = export_best(best, settings, Path(args.export_best))
+        print(f"best feasible candidate: trial {best['trial']} ({describe_candidate(best['candidate'], settings)}); "
+              f"wrote {checkpoint} ({settings.source.export_note}) and {artifact}")
     sys.stdout.flush()

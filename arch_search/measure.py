@@ -1,8 +1,8 @@
 """Measure a candidate on this machine through the real exporter and the real runtime (never a formula).
 
-For one candidate: build the model (random weights: latency and memory do not depend on their values),
-write a checkpoint with the search's tokenizer, export it (target format, weight quant, KV-cache type),
-load it with `runtime.load` and time it with `runtime.bench.bench_session` (the one timer of the
+For one candidate: its checkpoint (written by the candidate source: random weights, or a parent's
+inherited ones; latency and memory do not depend on their values) is exported (target format, weight quant,
+KV-cache type), then the artifact is loaded with `runtime.load` and time it with `runtime.bench.bench_session` (the one timer of the
 project; llama-bench protocol: warm-up, repetitions, median). Reported per candidate:
   prefill_ms@N   median ms to prefill N prompt tokens (empty cache), for every N a budget names
   decode_ms      median ms per generated token with `decode_depth` tokens already in the cache
@@ -22,21 +22,18 @@ agent, which runs the same `bench` child on the device.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge.formats import FORMATS
+from runtime.isolate import RESULT, SETTINGS, child_main, model_name, run_child
 
-PARENT_ENV = "EDGE_SEARCH_PARENT_PID"
 CONTEXT_ROUND = 256  # artifacts are exported for the context the measurements need, rounded up to this
 
 
@@ -72,30 +69,24 @@ class MeasureSettings:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class MeasureFailed(Exception):
-    """A candidate could not be measured (export error, engine crash, timeout); the message says why."""
-
-
 # ---- parent side ---------------------------------------------------------------------------------
-def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workdir: str | Path,
-            keep: bool = False, transport=None) -> dict:
-    """Export `config` (a HybridConfig) in a child process here, then time it through `transport` (a
-    device.transport.Transport: default this machine, in a child process); return the figures.
+def measure(checkpoint: str | Path, settings: MeasureSettings, workdir: str | Path, keep: bool = False,
+            transport=None) -> dict:
+    """Export `checkpoint` (an HF checkpoint directory) in a child process here, then time the artifact
+    through `transport` (a device.transport.Transport: default this machine, in a child process); return
+    the figures.
 
-    Raises MeasureFailed with a one-line reason. `workdir` receives the checkpoint and the artifact;
-    they are deleted afterwards unless `keep`."""
+    Raises MeasureFailed with a one-line reason. `workdir` receives the artifact; it is deleted afterwards
+    (with the checkpoint, when that lies inside it) unless `keep`."""
     if transport is None:
         from device.transport import LocalTransport
         transport = LocalTransport()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
     started = time.perf_counter()
     try:
-        _run_child(["export", str(workdir), str(tokenizer_path)], settings.timeout_s, "export")
+        artifact = export_artifact(checkpoint, settings, workdir)
         export_s = time.perf_counter() - started
-        result = transport.measure_candidate(workdir / f"model{FORMATS[settings.target].suffix}", settings)
+        result = transport.measure_candidate(artifact, settings)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -104,68 +95,27 @@ def measure(config, tokenizer_path: str | Path, settings: MeasureSettings, workd
     return result
 
 
-def _run_child(args: list[str], timeout_s: float, step: str, module: str = "arch_search.measure") -> None:
-    """Run `python -m MODULE ARGS` in its own process group; kill the group on timeout.
-    (The device agent runs its header checks and `edge bench` measurements through this too.)"""
-    cmd = [sys.executable, "-m", module, *args]
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise MeasureFailed(f"{step} timed out after {timeout_s:.0f} s") from None
-    except BaseException:  # KeyboardInterrupt included: never leave a child behind
-        _kill_group(proc)
-        raise
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
-        # an engine abort prints a backtrace after its message: prefer the line that says what failed
-        telling = [ln for ln in lines if "GGML_ASSERT" in ln or "Error" in ln or "error:" in ln]
-        last = (telling or lines or [""])[-1]
-        if proc.returncode < 0:
-            reason = f"killed by signal {signal.Signals(-proc.returncode).name}" + (f" ({last[:240]})" if last else "")
-        else:
-            reason = last[:300] if last else f"exit status {proc.returncode}"
-        raise MeasureFailed(f"{step} failed: {reason}")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child, Linux: SIGKILL when the search process dies, so a killed search leaves no orphan
-    measuring on. Set here rather than in a preexec_fn, which is unsafe in the threaded parent; the
-    parent's pid in the environment closes the window where it died before this call."""
-    parent = os.environ.get(PARENT_ENV)
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent and os.getppid() != int(parent):
-        sys.exit("the search process that started this measurement is gone")
+def export_artifact(checkpoint: str | Path, settings: MeasureSettings, workdir: str | Path) -> Path:
+    """Export `checkpoint` as settings.target into the work folder, in a child process with the time
+    limit (an exporter that crashes or hangs fails this candidate only)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SETTINGS).write_text(json.dumps(settings.to_dict()))
+    run_child("arch_search.measure", ["export", str(workdir), str(Path(checkpoint).resolve())], settings.timeout_s,
+              "export")
+    return workdir / model_name(FORMATS[settings.target].suffix)
 
 
 # ---- child side ----------------------------------------------------------------------------------
-def child_export(workdir: Path, tokenizer_path: Path) -> None:
-    from edge.checkpoint import save_model
-    from edge.config import HybridConfig
-    from edge.model import HybridLM
+def child_export(workdir: Path, checkpoint: Path) -> None:
+    import torch
+
     from export import export_model
 
-    settings = MeasureSettings.from_dict(json.loads((workdir / "settings.json").read_text()))
-    config = HybridConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    import torch
+    settings = MeasureSettings.from_dict(json.loads((workdir / SETTINGS).read_text()))
     torch.set_num_threads(max(1, settings.threads))
-    checkpoint = workdir / "checkpoint"
-    save_model(HybridLM(config).init_weights(settings.seed), checkpoint)
-    shutil.copyfile(tokenizer_path, checkpoint / "tokenizer.json")
-    export_model(settings.target, checkpoint, workdir / f"model{FORMATS[settings.target].suffix}",
+    export_model(settings.target, checkpoint, workdir / model_name(FORMATS[settings.target].suffix),
                  quant=settings.quant, kv_cache=settings.kv_cache, max_seq_len=settings.max_seq_len)
-    shutil.rmtree(checkpoint)  # the artifact is self-sufficient; the checkpoint is rebuilt for --export-best
 
 
 def child_bench(workdir: Path) -> None:
@@ -174,8 +124,8 @@ def child_bench(workdir: Path) -> None:
     import runtime
     from runtime.bench import artifact_bytes, bench_session, peak_rss_mb
 
-    settings = MeasureSettings.from_dict(json.loads((workdir / "settings.json").read_text()))
-    artifact = workdir / f"model{FORMATS[settings.target].suffix}"
+    settings = MeasureSettings.from_dict(json.loads((workdir / SETTINGS).read_text()))
+    artifact = workdir / model_name(FORMATS[settings.target].suffix)
     started = time.perf_counter()
     session = runtime.load(artifact, n_threads=settings.threads)
     load_ms = (time.perf_counter() - started) * 1e3
@@ -214,9 +164,9 @@ def child_bench(workdir: Path) -> None:
     result["artifact_mb"] = round(artifact_bytes(artifact) / 2**20, 3)
     session.close()
     result["noisy"] = decode["noisy"] or any(p["noisy"] for p in result["prefill"].values())
-    with open(workdir / "result.json.partial", "w") as f:
+    with open(workdir / (RESULT + ".partial"), "w") as f:
         json.dump(result, f)
-    os.replace(workdir / "result.json.partial", workdir / "result.json")
+    os.replace(workdir / (RESULT + ".partial"), workdir / RESULT)
 
 
 def summary(result: dict, settings: MeasureSettings) -> dict:
@@ -234,20 +184,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="step", required=True)
     e = sub.add_parser("export")
     e.add_argument("workdir", type=Path)
-    e.add_argument("tokenizer", type=Path)
+    e.add_argument("checkpoint", type=Path)
     b = sub.add_parser("bench")
     b.add_argument("workdir", type=Path)
     args = p.parse_args(argv)
-    _die_with_parent()
-    try:
-        if args.step == "export":
-            child_export(args.workdir, args.tokenizer)
-        else:
-            child_bench(args.workdir)
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
-        print(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", file=sys.stderr)
-        return 1
-    return 0
+    if args.step == "export":
+        return child_main(lambda: child_export(args.workdir, args.checkpoint))
+    return child_main(lambda: child_bench(args.workdir))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 
+from arch_search.budgets import measure_settings_for, parse_budget
+from arch_search.candidates import RandomBackbones
 from arch_search.measure import MeasureSettings, measure, summary
-from arch_search.quality import parse_proxy
-from arch_search.search import (SearchSettings, describe_candidate, measure_settings_for, parse_budget, run_search,
-                                trial_rows, write_results)
+from arch_search.proxies import parse_proxy
+from arch_search.results import describe_candidate, trial_rows, write_results
+from arch_search.study import SearchSettings
+from arch_search.worker import run_search
 from benchmarks.common import RESULTS as RESULTS_ROOT
 from benchmarks.common import WORK as WORK_ROOT
+from edge.checkpoint import save_model
 from edge.config import preset
+from edge.model import HybridLM
 from edge.files import write_json
 from edge.tokenizer import default_corpus, load_tokenizer, train_tokenizer
 
@@ -63,7 +69,10 @@ def main():
     else:
         print("measuring the lfm2-350m preset (vocab %d) ..." % vocab, flush=True)
         config = preset("lfm2-350m", vocab_size=vocab)
-        result = measure(config, tokenizer_path, MeasureSettings(**protocol), WORK / "lfm2-350m-measure")
+        checkpoint = WORK / "lfm2-350m-measure" / "checkpoint"
+        save_model(HybridLM(config).init_weights(0), checkpoint)
+        shutil.copyfile(tokenizer_path, checkpoint / "tokenizer.json")
+        result = measure(checkpoint, MeasureSettings(**protocol), WORK / "lfm2-350m-measure")
         reference = {"config": "lfm2-350m preset, vocab %d" % vocab, "result": result,
                      "figures": summary(result, MeasureSettings(**protocol)),
                      "non_embedding_params_m": config.n_params(include_embeddings=False) / 1e6}
@@ -76,9 +85,9 @@ def main():
     budgets = [parse_budget(f"decode_ms@{CONTEXT}={ref['decode_ms'] / args.scale:.4f}"),
                parse_budget(f"prefill_ms@{CONTEXT}={ref[f'prefill_ms@{CONTEXT}'] / args.scale:.3f}")]
     settings = SearchSettings(
-        space=args.space, proxy=parse_proxy(args.quality), budgets=budgets,
+        source=RandomBackbones(args.space, tokenizer_path, vocab), proxy=parse_proxy(args.quality), budgets=budgets,
         measure=measure_settings_for(budgets, target="gguf", quant="q8_0", kv_cache="f16", threads=1),
-        trials=args.trials, out=WORK, tokenizer_path=tokenizer_path, vocab_size=vocab,
+        trials=args.trials, out=WORK,
         study_name=args.study or f"bench-{args.space}-{args.quality.split(':')[0]}", seed=0)
 
     # 3. the search (resumable), then its results
@@ -101,10 +110,10 @@ def main():
         rivals = [f for f in result["front"] if f["decode_ms"] <= seed["decode_ms"]]
         best = (max if maximize else min)(rivals, key=lambda f: f["quality"]) if rivals else None
         comparison.append({
-            "lfm2_layout": describe_candidate(seed["candidate"]), "trial": seed["trial"],
+            "lfm2_layout": describe_candidate(seed["candidate"], settings), "trial": seed["trial"],
             "decode_ms": seed["decode_ms"], "quality": seed["quality"], "feasible": seed["feasible"],
             "best_front_at_equal_latency": None if best is None else {
-                "candidate": describe_candidate(best["candidate"]), "trial": best["trial"],
+                "candidate": describe_candidate(best["candidate"], settings), "trial": best["trial"],
                 "decode_ms": best["decode_ms"], "quality": best["quality"],
                 "quality_ratio": best["quality"] / seed["quality"] if seed["quality"] else None,
                 "is_the_layout_itself": best["hash"] == seed["hash"]}})

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import optuna
 
+from arch_search.budgets import measure_settings_for, parse_budget
+from arch_search.candidates import RandomBackbones
 from arch_search.measure import measure
-from arch_search.search import measure_settings_for, parse_budget
-from arch_search.space import seed_params, suggest
 from device.client import DeviceTransport
 from device.transport import LocalTransport
 from edge.tokenizer import default_corpus, train_tokenizer
@@ -34,8 +34,10 @@ def main(rounds: int = 3) -> None:
     train_tokenizer(default_corpus(), 1024).save(str(tok))
     settings = measure_settings_for([parse_budget("prefill_ms@64=1e5"), parse_budget("decode_ms@64=1e3")],
                                     target="gguf", threads=1)
-    config = suggest(optuna.trial.FixedTrial(seed_params("tiny")[0]), "tiny", 1024).to_config()
-    measure(config, tok, settings, work / "cand", keep=True)  # the export (and a first local measurement)
+    source = RandomBackbones("tiny", tok, 1024)
+    candidate = source.suggest(optuna.trial.FixedTrial(source.seeds()[0]))
+    checkpoint = source.write_checkpoint(candidate, work / "cand" / "checkpoint")
+    measure(checkpoint, settings, work / "cand", keep=True)  # the export (and a first local measurement)
     artifact = work / "cand" / "model.gguf"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,133 +10,130 @@ directory under a name of the agent's choosing (`model.gguf`). Nothing is unpick
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-import struct
 import sys
 import uuid
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.formats import SUFFIXES
+from edge.formats import SUFFIXES, headers
+from edge.formats.headers import sniff_file  # noqa: F401 - the agent's check of a request's suffix
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-VALIDATE_TIMEOUT_S = 120
+SCRATCH = re.compile(r"[0-9a-f]{32}(\.partial(\.d)?)?")  # the agent's names: uploads, bundles, work folders
+MARKER = ".hybrid-edge-agent-cache"  # in a cache folder the agent made (or adopted) and so may clean
+LAYOUT = ("artifacts", "incoming", "work")
+VALIDATE_TIMEOUT_S = 60
+VALIDATE_MEMORY = 1 << 30  # the header check's address space: the readers' budgets fit well inside
 
 
-def sniff(head: bytes) -> str | None:
-    """The artifact suffix its first bytes announce, or None. GGUF starts with b"GGUF"; a .pte is a
-    flatbuffer whose file identifier (bytes 4-8) is "ET" + two digits (ET12 today); an ONNX ModelProto as
-    onnx serializes it starts with field 1 (ir_version, a varint: tag byte 0x08)."""
-    if head[:4] == b"GGUF":
-        return ".gguf"
-    if len(head) >= 8 and head[4:6] == b"ET" and head[6:8].isdigit():
-        return ".pte"
-    if head[:1] == b"\x08":
-        return ".onnx"
-    return None
+def validate(path: Path, max_bytes: int) -> str:
+    """Check the header of a .gguf/.pte/.onnx file without running it (the bounded readers of
+    edge/formats/headers.py, shared with runtime.load); returns its suffix. A single .onnx must be
+    self-contained: external data names a path the device would open. A bundle (device/bundle.py) is
+    unpacked and checked into PATH.d, and ".onnx" returned for it."""
+    from . import bundle
 
-
-def sniff_file(path: Path) -> str | None:
     with open(path, "rb") as f:
-        return sniff(f.read(16))
+        head = f.read(512)
+    if bundle.is_tar(head):
+        bundle.unpack(path, bundled(path), max_bytes)
+        return ".onnx"
+    return headers.check(path, external_data=False)
 
 
-# ---- deep header checks (run in a child) --------------------------------------------------------------
-def validate(path: Path) -> str:
-    """Check the header of a .gguf/.pte/.onnx file without running it; returns its suffix.
-    Raises EdgeError naming what is wrong."""
-    suffix = sniff_file(path)
-    size = path.stat().st_size
-    if suffix == ".gguf":
-        from gguf import GGUFReader
-
-        try:  # gguf-py walks every key and tensor header and maps the tensor data within the file
-            reader = GGUFReader(path, "r")
-        except Exception as e:  # noqa: BLE001 - any parse failure is "not a valid GGUF"
-            raise EdgeError(f"not a valid GGUF file: {type(e).__name__}: {str(e)[:200]}") from None
-        if "general.architecture" not in reader.fields or not reader.tensors:
-            raise EdgeError("not a usable GGUF file: no general.architecture key or no tensors")
-    elif suffix == ".pte":
-        # ExecuTorch's extended header (docs: "pte file format"): magic eh00, header length, program size,
-        # segment base offset; the flatbuffer's root table offset (bytes 0-4) must fall inside the file
-        with open(path, "rb") as f:
-            head = f.read(32)
-        root = struct.unpack_from("<I", head)[0] if len(head) >= 8 else size
-        if not 8 <= root < size:  # the root table follows the 8-byte flatbuffer header, inside the file
-            raise EdgeError("not a valid .pte file: its root table offset points outside the file")
-        if head[8:12] == b"eh00":
-            length, program, segments = struct.unpack_from("<IQQ", head, 12)
-            if length < 24 or program > size or segments > size:
-                raise EdgeError("not a valid .pte file: its extended header's sizes exceed the file")
-    elif suffix == ".onnx":
-        import onnx
-        from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001
-            raise EdgeError(f"not a valid ONNX file: {type(e).__name__}: {str(e)[:200]}") from None
-        if not model.graph.node:
-            raise EdgeError("not a usable ONNX file: its graph has no nodes")
-        # external data names a file path inside the model: the device would open a path it was sent
-        if any(uses_external_data(t) for t in _get_all_tensors(model)):
-            raise EdgeError("ONNX files with external data are not accepted by the agent; send one self-contained .onnx")
-    else:
-        raise EdgeError("not a .gguf, .pte or .onnx file (its first bytes match none of the three formats)")
-    return suffix
+def bundled(upload: Path) -> Path:
+    """Where the check unpacks a bundle upload."""
+    return upload.with_name(upload.name + ".d")
 
 
 def main(argv=None) -> int:
-    """`python -m device.artifacts PATH`: validate one file; prints its suffix, or the reason on stderr."""
-    from arch_search.measure import _die_with_parent
+    """`python -m device.artifacts NAME MAX_BYTES`: validate one upload; prints its suffix, or the reason."""
+    from runtime.isolate import child_main
 
-    _die_with_parent()
-    try:
-        print(validate(Path((argv or sys.argv[1:])[0])))
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
-        print(f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    # numpy (imported with gguf-py's tables) must not reserve a thread pool's buffers under the cap
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
+    name, max_bytes = (argv or sys.argv[1:])[:2]
+    return child_main(lambda: print(validate(Path(name), int(max_bytes))))
 
 
 # ---- the store ---------------------------------------------------------------------------------------
 class ArtifactStore:
-    """cache/artifacts/<sha256> (validated files only); cache/incoming/ holds uploads in progress."""
+    """CACHE/artifacts/<sha256> (validated files only); CACHE/incoming/ holds uploads in progress and
+    CACHE/work/ the measurements' folders. The agent owns CACHE: it refuses a non-empty folder that is
+    not one of its caches, and at start it removes from incoming/ and work/ only what it names itself."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.files = self.root / "artifacts"
-        self.incoming = self.root / "incoming"
-        self.work = self.root / "work"
+        self.files, self.incoming, self.work = (self.root / d for d in LAYOUT)
+        self._claim()
         for d in (self.files, self.incoming, self.work):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(exist_ok=True)
         for d in (self.incoming, self.work):  # left by a killed agent: never trusted, never served
             for p in d.iterdir():
-                _remove(p)
+                if SCRATCH.fullmatch(p.name):
+                    _remove(p)
+
+    def _claim(self) -> None:
+        """Make sure CACHE is ours: new, empty, marked, or an older agent's cache (its exact layout)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise EdgeError(f"--cache {self.root} is a file; give a folder for the agent's cache")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if (self.root / MARKER).is_file():
+            return
+        entries = list(self.root.iterdir())
+        older = all(p.name in LAYOUT and p.is_dir() for p in entries) and all(
+            (SHA256 if p.parent.name == "artifacts" else SCRATCH).fullmatch(p.name)
+            for d in entries for p in d.iterdir())
+        if entries and not older:
+            names = ", ".join(sorted(p.name for p in entries)[:3])
+            raise EdgeError(f"--cache {self.root} holds files that are not an agent cache ({names}...); the agent "
+                            "deletes what it keeps there, so give an empty or new folder")
+        (self.root / MARKER).write_text("hybrid-edge device agent cache: artifacts/ by sha256, incoming/ and "
+                                        "work/ are scratch\n")
 
     def path(self, sha: str) -> Path | None:
+        """The cached artifact: a file, or the folder a bundle was unpacked into."""
         if not SHA256.fullmatch(sha):
             return None
         p = self.files / sha
-        return p if p.is_file() else None
+        return p if p.exists() else None
 
     def count(self) -> int:
         return sum(1 for p in self.files.iterdir() if SHA256.fullmatch(p.name))
 
+    @staticmethod
+    def entry(path: Path) -> str | None:
+        """A bundle's entry (what runtime.load opens inside its folder: "." or the .onnx); None for a file."""
+        from .bundle import MANIFEST
+
+        return json.loads((path / MANIFEST).read_text())["entry"] if path.is_dir() else None
+
     def new_upload(self) -> Path:
         return self.incoming / f"{uuid.uuid4().hex}.partial"
 
-    def commit(self, tmp: Path, sha: str) -> None:
-        """Validate the (already hashed) upload in a child, then rename it into the cache."""
-        from arch_search.measure import MeasureFailed, _run_child
+    def commit(self, tmp: Path, sha: str, max_bytes: int, **limits) -> None:
+        """Validate the (already hashed) upload in a child, then rename it (or the folder its bundle was
+        unpacked into) into the cache. The child works in incoming/ and is given the upload's bare name,
+        so its messages hold no host path; limits: run_child's (the CPUs it may use)."""
+        from runtime.isolate import MeasureFailed, run_child
 
+        unpacked = bundled(tmp)
         try:
-            _run_child([str(tmp)], VALIDATE_TIMEOUT_S, "header check", module="device.artifacts")
+            run_child("device.artifacts", [tmp.name, str(max_bytes)], VALIDATE_TIMEOUT_S, "header check",
+                      cwd=self.incoming, memory_bytes=VALIDATE_MEMORY, **limits)
+            if unpacked.is_dir():
+                os.replace(unpacked, self.files / sha)
+            else:
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, self.files / sha)
         except MeasureFailed as e:
             raise EdgeError(str(e).removeprefix("header check failed: ")) from None
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, self.files / sha)
+        finally:
+            if unpacked.exists():
+                _remove(unpacked)
 
     def workdir(self) -> Path:
         d = self.work / uuid.uuid4().hex
@@ -145,12 +142,20 @@ class ArtifactStore:
 
     @staticmethod
     def link(src: Path, dst: Path) -> None:
-        """Give a measurement its own name for a cached file: a hard link, else a copy."""
-        try:
-            os.link(src, dst)
-        except OSError:
-            import shutil
-            shutil.copyfile(src, dst)
+        """Give a measurement its own name for a cached file (or a bundle's folder, file by file): hard
+        links, else copies."""
+        import shutil
+
+        def one(a, b):
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copyfile(a, b)
+
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=one)
+        else:
+            one(src, dst)
 
 
 def _remove(p: Path) -> None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import tempfile
 import time
 from pathlib import Path
 
-from arch_search.measure import MeasureFailed
-from edge.errors import EdgeError
+from edge.errors import EdgeError, first_line
+from runtime.isolate import MeasureFailed
 
 from .transport import Transport
 
 TOKEN_ENV = "EDGE_DEVICE_TOKEN"
+CA_ENV = "EDGE_DEVICE_CA"  # PEM file of the certificate (or its CA) an https:// agent serves
 CHUNK = 1 << 20
 
 
@@ -26,17 +29,23 @@ class DeviceUnavailable(MeasureFailed):
     """The device did not answer or dropped the connection: the candidate is not at fault."""
 
 
-def read_token(token_file: str | None) -> str | None:
-    """--device-token-file F, else $EDGE_DEVICE_TOKEN, else None (an agent started with --no-token)."""
+def read_token(token_file: str | None, option: str = "--device-token-file") -> str | None:
+    """The token in `token_file`, else $EDGE_DEVICE_TOKEN, else None (an agent started with --no-token).
+    A token is printable ASCII without spaces: it travels in an HTTP header."""
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
+            token = Path(token_file).read_text(encoding="utf-8", errors="replace").strip()
         except OSError as e:
-            raise EdgeError(f"cannot read --device-token-file {token_file}: {e.strerror}") from None
+            raise EdgeError(f"cannot read {option} {token_file}: {e.strerror}") from None
+        where = f"{option} {token_file}"
         if not token:
-            raise EdgeError(f"--device-token-file {token_file} is empty; put the agent's token in it")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+            raise EdgeError(f"{where} is empty; put the agent's token in it")
+    else:
+        token, where = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
+    if token is not None and not re.fullmatch(r"[!-~]+", token):
+        raise EdgeError(f"the token in {where} has characters other than printable ASCII (or spaces), which an "
+                        "HTTP header cannot carry; use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return token
 
 
 def file_sha256(path: Path) -> str:
@@ -58,9 +67,18 @@ class DeviceTransport(Transport):
         self.busy_wait_s = busy_wait_s  # how long a "busy" device is retried before giving up
         self.margin_s = margin_s        # beyond the measurement's own deadline, for the answer to arrive
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0))
+        verify = True  # https: the system's CAs, or the agent's own certificate from $EDGE_DEVICE_CA
+        if os.environ.get(CA_ENV):
+            import ssl
+
+            try:
+                verify = ssl.create_default_context(cafile=os.environ[CA_ENV])
+            except (OSError, ssl.SSLError) as e:
+                raise EdgeError(f"${CA_ENV} {os.environ[CA_ENV]}: not a readable PEM certificate ({e})") from None
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0), verify=verify)
         self.uploads = self.cache_hits = 0
-        self._hashes: dict[tuple, str] = {}
+        self._hashes: dict[tuple, tuple[str, Path]] = {}  # (path, files' sizes and mtimes) -> (sha256, upload)
+        self._scratch = None
         self._max_bytes: int | None = None
 
     # ---- HTTP, errors as one line ----
@@ -72,8 +90,9 @@ class DeviceTransport(Transport):
         except httpx.TimeoutException:
             raise DeviceUnavailable(f"device {self.url}: no answer to {what} in time") from None
         except httpx.TransportError as e:
+            hint = (f"; give the agent's certificate with {CA_ENV}=PEM" if "CERTIFICATE_VERIFY_FAILED" in str(e) else "")
             raise DeviceUnavailable(f"device {self.url}: connection failed during {what} "
-                                    f"({type(e).__name__}: {str(e)[:120] or 'dropped'})") from None
+                                    f"({type(e).__name__}: {first_line(e)[:160] if str(e) else 'dropped'}){hint}") from None
         if r.status_code == 401:
             raise EdgeError(f"device {self.url} refused the token; give its token with --device-token-file F or "
                             f"the {TOKEN_ENV} environment variable")
@@ -114,14 +133,28 @@ class DeviceTransport(Transport):
 
     # ---- artifacts by content ----
     def ensure(self, path: Path) -> str:
-        """Upload `path` unless the agent has it already; returns its sha256."""
+        """Upload `path` unless the agent has it already; returns its sha256. A model folder or an .onnx
+        with external data goes as one bundle (device/bundle.py), packed into this transport's scratch."""
+        from .bundle import members, needs_bundle, pack
+
         path = Path(path)
-        if not path.is_file():
-            raise EdgeError(f"{path} is not a file; the device agent takes single-file .gguf/.pte/.onnx artifacts")
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        sha = self._hashes.get(key) or file_sha256(path)
-        self._hashes[key] = sha
+        if not path.exists():
+            raise EdgeError(f"{path} does not exist; give an exported artifact")
+        multi = needs_bundle(path)
+        if not multi and not path.is_file():
+            raise EdgeError(f"{path} is neither a .gguf/.pte/.onnx file nor an onnxruntime-genai model folder")
+        files = members(path)[2].values() if multi else [path]
+        key = (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        if key not in self._hashes:
+            upload = path
+            if multi:
+                if self._scratch is None:
+                    self._scratch = tempfile.TemporaryDirectory(prefix="edge-bundles-")
+                upload = Path(self._scratch.name) / f"{len(self._hashes)}.tar"
+                pack(path, upload)
+            self._hashes[key] = (file_sha256(upload), upload)
+        sha, upload = self._hashes[key]
+        st = upload.stat()
         r = self._request("HEAD", f"/artifacts/{sha}", what=f"the cache check of {path.name}")
         if r.status_code == 200:
             self.cache_hits += 1
@@ -133,7 +166,7 @@ class DeviceTransport(Transport):
                                 f"--max-artifact-mb {self._max_bytes / 2**20:g}")
 
         def chunks():
-            with open(path, "rb") as f:
+            with open(upload, "rb") as f:
                 while block := f.read(CHUNK):
                     yield block
 
@@ -169,15 +202,18 @@ class DeviceTransport(Transport):
         return result
 
     def bench(self, artifacts, *, progress: bool = True, deadline_s: float = 1800.0, **options) -> list[dict]:
+        from edge.formats.onnx import is_model_folder
+
         artifacts = [Path(a) for a in artifacts]
         for a in artifacts:
             if not a.exists():
                 raise EdgeError(f"{a} does not exist; give an exported artifact")
-            if a.suffix not in (".gguf", ".pte", ".onnx"):
-                raise EdgeError(f"{a}: the device agent measures .gguf, .pte or .onnx files; got {a.suffix or 'a directory'}")
+            if a.suffix not in (".gguf", ".pte", ".onnx") and not is_model_folder(a):
+                raise EdgeError(f"{a}: the device agent measures .gguf, .pte or .onnx files and onnxruntime-genai "
+                                f"model folders; got {a.suffix or 'another directory'}")
         shas = [self.ensure(a) for a in artifacts]
-        body = {"kind": "bench", "artifacts": [{"sha256": s, "suffix": a.suffix} for s, a in zip(shas, artifacts)],
-                "options": options}
+        body = {"kind": "bench", "options": options,
+                "artifacts": [{"sha256": s, "suffix": ".onnx" if a.is_dir() else a.suffix} for s, a in zip(shas, artifacts)]}
         answer = self._measure(body, deadline_s, "the benchmark")
         device = {**answer["device"], "url": self.url}
         records = answer["records"]
@@ -188,6 +224,9 @@ class DeviceTransport(Transport):
 
     def close(self) -> None:
         self.http.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
 
 def bench_on_device(url: str, token_file: str | None, artifacts, **options) -> list[dict]:

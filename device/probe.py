@@ -35,22 +35,48 @@ def cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
+# arm64 Linux: bits of AT_HWCAP / AT_HWCAP2 (arch/arm64/include/uapi/asm/hwcap.h) and the names the kernel
+# gives them in /proc/cpuinfo's Features; those the int8/fp16 kernels of the engines dispatch on
+ARM_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve", 23: "asimdfhm"}
+ARM_HWCAP2 = {1: "sve2", 13: "i8mm", 14: "bf16", 23: "sme"}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+
+
+def arm_features() -> list[str] | None:
+    """The ARM features the kernel reports to this process (getauxval; also under qemu-user, whose
+    /proc/cpuinfo is the host's), or None off arm64 Linux."""
+    if platform.machine() not in ("aarch64", "arm64") or platform.system() != "Linux":
+        return None
+    import ctypes
+
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype = ctypes.c_ulong
+    words = ((getauxval(AT_HWCAP), ARM_HWCAP), (getauxval(AT_HWCAP2), ARM_HWCAP2))
+    return sorted(name for word, names in words for bit, name in names.items() if word >> bit & 1)
+
+
 def describe(name: str | None = None) -> dict:
     """The static part of the device block every measurement carries."""
     from runtime.bench import cpu_info
 
     info = cpu_info()
-    return {"name": name or socket.gethostname(), "cpu_model": info["model"], "isa": info["isa"],
-            "cores": info["cores"], "cpus": cpus(), "machine": platform.machine(),
-            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "engines": engines()}
+    block = {"name": name or socket.gethostname(), "cpu_model": info["model"], "isa": info["isa"],
+             "cores": info["cores"], "cpus": cpus(), "machine": platform.machine(),
+             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+             "engines": engines()}
+    arm = arm_features()
+    if arm is not None:
+        block["isa"] = arm
+        if "Features" not in (_read(Path("/proc/cpuinfo")) or ""):  # qemu-user shows the host's cpuinfo
+            block["cpu_model"] = f"aarch64, emulated? (/proc/cpuinfo describes another CPU: {info['model']})"
+    return block
 
 
-def conditions() -> dict:
-    """Governor and frequency of the CPUs in use, and every thermal zone's temperature; empty where the
-    kernel does not expose them (containers, most phones without root)."""
+def conditions(measured: list[int] | None = None) -> dict:
+    """Governor and frequency of the CPUs measurements run on (default: this process's), and every thermal
+    zone's temperature; empty where the kernel does not expose them (containers, most phones without root)."""
     out: dict = {}
-    cpufreq = {c: Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq") for c in cpus()}
+    cpufreq = {c: Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq") for c in (measured or cpus())}
     governors = {c: _read(p / "scaling_governor") for c, p in cpufreq.items()}
     if any(governors.values()):
         out["governor"] = {str(c): g for c, g in governors.items() if g}

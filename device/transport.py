@@ -1,7 +1,7 @@
 """Where a measurement runs: one interface, two transports (docs/design.md §4 "Deployment targets").
 
 - `LocalTransport`: this machine. A search candidate is timed in a child process with a time limit
-  (`arch_search.measure`'s isolation, `runtime.bench`'s timer); `edge bench` runs in-process as always.
+  (`runtime.isolate`'s runner, `runtime.bench`'s timer); `edge bench` runs in-process as always.
 - `device.client.DeviceTransport`: a device agent (`edge device serve`) over HTTP; the agent itself
   measures with a LocalTransport on the device, so both paths time with the same code.
 
@@ -14,13 +14,15 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.isolate import RECORDS, REQUEST, RESULT, SETTINGS, child_main, run_child
+
 
 class Transport:
     label = "?"
 
     def measure_candidate(self, artifact: Path, settings) -> dict:
         """Time an exported candidate (`artifact` is WORKDIR/model.<suffix>) with MeasureSettings `settings`;
-        raises arch_search.measure.MeasureFailed with a one-line reason."""
+        raises runtime.isolate.MeasureFailed with a one-line reason."""
         raise NotImplementedError
 
     def bench(self, artifacts: list[Path], **options) -> list[dict]:
@@ -41,44 +43,45 @@ class LocalTransport(Transport):
     label = "local"
 
     def measure_candidate(self, artifact: Path, settings) -> dict:
-        from arch_search.measure import _run_child
+        return self.time_candidate(Path(artifact).parent, settings.to_dict(), settings.timeout_s)
 
-        workdir = Path(artifact).parent
-        (workdir / "settings.json").write_text(json.dumps(settings.to_dict()))
-        _run_child(["bench", str(workdir)], settings.timeout_s, "bench")
-        return json.loads((workdir / "result.json").read_text())
+    @staticmethod
+    def time_candidate(workdir: Path, settings: dict, timeout_s: float, **limits) -> dict:
+        """Time WORKDIR/model.<suffix> with the protocol `settings` (MeasureSettings.to_dict()) in a child
+        working in WORKDIR (limits: run_child's cancel, cpus, memory_bytes)."""
+        (workdir / SETTINGS).write_text(json.dumps(settings))
+        # the search's timing child, started by its module name: a process boundary, not an import
+        run_child("arch_search.measure", ["bench", "."], timeout_s, "bench", cwd=workdir, **limits)
+        return json.loads((workdir / RESULT).read_text())
 
     def bench(self, artifacts, **options) -> list[dict]:
         from runtime.bench import bench_artifacts
 
         return bench_artifacts(artifacts, **options)
 
-    def bench_isolated(self, workdir: Path, timeout_s: float) -> list[dict]:
-        """`bench` in a child process with a time limit: WORKDIR/request.json names the files and options,
-        the child writes WORKDIR/records.json (what the agent runs for `edge bench --device`)."""
-        from arch_search.measure import _run_child
-
-        _run_child(["records", str(workdir)], timeout_s, "bench", module="device.transport")
-        return json.loads((workdir / "records.json").read_text())
+    @staticmethod
+    def bench_isolated(workdir: Path, timeout_s: float, **limits) -> list[dict]:
+        """`bench` in a child process working in WORKDIR, with a time limit (limits: run_child's): its
+        request file names the files (relative) and options, the child writes the records file (what the
+        agent runs for `edge bench --device`)."""
+        run_child("device.transport", ["records", "."], timeout_s, "bench", cwd=workdir, **limits)
+        return json.loads((workdir / RECORDS).read_text())
 
 
 def main(argv=None) -> int:
     """`python -m device.transport records WORKDIR`: the child side of LocalTransport.bench_isolated."""
-    from arch_search.measure import _die_with_parent
     from edge.files import write_json
 
     step, workdir = (argv or sys.argv[1:])[:2]
     workdir = Path(workdir)
-    _die_with_parent()
-    try:
-        request = json.loads((workdir / "request.json").read_text())
-        records = LocalTransport().bench([workdir / name for name in request["files"]], progress=False,
-                                         **request["options"])
-        write_json(workdir / "records.json", records)
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line as the reason
-        print(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", file=sys.stderr)
-        return 1
-    return 0
+
+    def records():
+        request = json.loads((workdir / REQUEST).read_text())
+        found = LocalTransport().bench([workdir / name for name in request["files"]], progress=False,
+                                       **request["options"])
+        write_json(workdir / RECORDS, found)
+
+    return child_main(records)
 
 
 def transports(urls: list[str] | None, token_file: str | None = None, **client_options) -> list[Transport]:

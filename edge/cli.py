@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a constraint: decode_ms=V (ms/token at the budget context), decode_ms@DEPTH=V (after "
                    "DEPTH tokens of context), prefill_ms@N=V (ms for N prompt tokens), mem_mb=V (peak RSS); "
                    "repeatable")
-    s.add_argument("--quality", default="params", help="quality proxy: params | mqar[:STEPS] | lm:FILE[:STEPS] "
-                   "(default params)")
+    s.add_argument("--quality", default="params", help="quality proxy: lm[:FILE][:STEPS] (held-out loss after "
+                   "STEPS of training on FILE, default the Python standard library's sources) | mqar[:STEPS] | "
+                   "mad[:TASK][:STEPS] (MAD's synthetic tasks: recall, fuzzy_recall, noisy_recall, selective_copy, "
+                   "compression, memorization; no TASK: their mean) | params (default params)")
     s.add_argument("--space", default="tiny", choices=("tiny", "small", "full"), help="search space bounds")
     s.add_argument("--trials", type=int, default=20, help="total finished trials the study should hold; "
                    "re-running completes the rest (default 20)")

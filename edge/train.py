@@ -1,5 +1,6 @@
-"""A short training loop, shared by the search's quality proxies (arch_search/quality.py) and the
-trained test checkpoints (tests/conftest.py, `trained:<variant>`).
+"""A short training loop and its evaluation helpers, shared by the search's quality proxies
+(arch_search/proxies.py), their validation (benchmarks/proxy_validation.py) and the trained test
+checkpoints (tests/conftest.py, `trained:<variant>`).
 
 Random-weight models are chaotic: 4-bit rounding noise compounds through their layers and their logits
 carry no signal, so a few dozen steps on text give test models the structure real checkpoints have
@@ -16,9 +17,10 @@ from .model import DynamicCache, HybridLM
 
 
 def train(model: HybridLM, inputs: np.ndarray, labels: np.ndarray, steps: int, batch: int, lr: float,
-          seed: int = 0, threads: int | None = None) -> float:
+          seed: int = 0, threads: int | None = None, progress: str | None = None) -> float:
     """AdamW (weight decay 0.1), linear warm-up then cosine decay, over consecutive batches of
-    inputs/labels [N, T] (label -100 is ignored). Trains `model` in place; returns the last loss."""
+    inputs/labels [N, T] (label -100 is ignored). Trains `model` in place; returns the last loss.
+    `progress`: a tqdm bar with that description (long runs), none by default."""
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
@@ -29,6 +31,10 @@ def train(model: HybridLM, inputs: np.ndarray, labels: np.ndarray, steps: int, b
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(labels)
     final = float("nan")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc=progress, unit="step", leave=False)
     for step in range(steps):
         x, y = x_all[step * batch:(step + 1) * batch], y_all[step * batch:(step + 1) * batch]
         logits = model(x, 0, DynamicCache(model.config, batch_size=x.shape[0]))
@@ -40,8 +46,38 @@ def train(model: HybridLM, inputs: np.ndarray, labels: np.ndarray, steps: int, b
         opt.step()
         sched.step()
         final = float(loss.detach())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{final:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
     model.eval()
     return final
+
+
+def train_fresh(config, inputs: np.ndarray, labels: np.ndarray, steps: int, batch: int, lr: float,
+                seed: int = 0, threads: int | None = None, progress: str | None = None) -> tuple[HybridLM, float]:
+    """A new model of `config` (seeded init) trained by `train`: (model, last loss)."""
+    model = HybridLM(config).init_weights(seed)
+    return model, train(model, inputs, labels, steps, batch, lr, seed, threads, progress)
+
+
+@torch.no_grad()
+def logits_of(model: HybridLM, inputs: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Logits [N, T, vocab] of full sequences inputs [N, T] (int64), in chunks of `batch` sequences."""
+    x = torch.from_numpy(inputs)
+    return torch.cat([model(chunk, 0, DynamicCache(model.config, batch_size=chunk.shape[0]))
+                      for chunk in x.split(batch)])
+
+
+@torch.no_grad()
+def token_losses(model: HybridLM, windows: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Next-token cross-entropy [N, T-1] (nats) of each position of token windows [N, T]."""
+    out = []
+    for chunk in torch.from_numpy(windows).split(batch):
+        logits = model(chunk[:, :-1], 0, DynamicCache(model.config, batch_size=chunk.shape[0]))
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
+    return torch.cat(out).numpy()
 
 
 def lm_batches(ids: np.ndarray, steps: int, batch: int, seq_len: int, seed: int = 0):

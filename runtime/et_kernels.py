@@ -15,6 +15,11 @@ Two halves, one op schema:
     Nothing is compiled when a model loads: `load_kernels()` loads that prebuilt library as a plain shared
     library, whose `EXECUTORCH_LIBRARY` registrations add `edge::int8_sdpa.out` and
     `edge::int8_update_cache.out` to the ExecuTorch runtime, or fails in one line naming the build command.
+    It is loaded with LOAD_MODE, RTLD_LOCAL (ctypes' default), which works before or after ExecuTorch's
+    Python runtime is imported. Never RTLD_GLOBAL before that import: the library needs the runtime's
+    `_portable_lib` (DT_NEEDED), and a global load puts it in the process's global scope, where the
+    `data_loader` extension the runtime imports next binds its own prim-op registrations to it: ExecuTorch
+    then aborts the process ("Re-registering aten::sym_size.int", SIGABRT).
     ExecuTorch's own runner (C++ or its Python binding) runs our .pte once it has loaded the same file; on a
     phone the same CMake project is cross-compiled and linked into the runner (benchmarks/RESULTS.md;
     docs/design.md §4, Deployment targets).
@@ -42,6 +47,7 @@ _loaded: ctypes.CDLL | None = None
 # ---- the op library: built once at install time, loaded when a .pte needs it ------------------------
 BUILD_COMMAND = "python -m runtime.et_kernels build"
 LIBRARY_NAME = "libedge_ops.dylib" if sys.platform == "darwin" else "libedge_ops.so"
+LOAD_MODE = os.RTLD_LOCAL  # the mode that works in either order (module docstring); RTLD_GLOBAL does not
 
 
 def library_path() -> Path:
@@ -163,9 +169,9 @@ def load_kernels() -> Path:
     if built is None or built != _stamp(built.get("march", "native")):
         raise EdgeError(f"the op library {library} was built for another executorch, CPU or kernel source; "
                         f"rebuild it with `{BUILD_COMMAND}`")
-    _executorch_dirs()  # import the runtime first: the library registers its kernels into it
+    _executorch_dirs()  # the runtime's Python package first: the library registers its kernels into it
     try:
-        _loaded = ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+        _loaded = ctypes.CDLL(str(library), mode=LOAD_MODE)
     except OSError as e:
         raise EdgeError(f"cannot load the op library {library} ({str(e).splitlines()[0]}); rebuild it with "
                         f"`{BUILD_COMMAND}`") from None

@@ -22,6 +22,7 @@ import torch
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
+from edge.formats.headers import HeaderError, check_pte
 from edge.formats.executorch import KV_ELEMENT_BYTES, META_TYPES, load_custom_ops
 from edge.tokenizer import load_tokenizer
 
@@ -112,6 +113,10 @@ class ExecuTorchSession(Session):
     def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
                  max_seq_len: int | None = None):
         path = Path(path)
+        try:
+            check_pte(path)
+        except HeaderError as e:
+            raise EdgeError(f"cannot load {path}: {e}; re-export it with `edge export executorch`") from None
         runtime = _runtime()
         # before any method is loaded: XNNPACK binds the pool at method init, and resizing it under a
         # loaded method crashes the process (glibc __pthread_tpp_change_priority assertion)

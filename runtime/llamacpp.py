@@ -7,8 +7,9 @@ converter loads as well as ours: the HybridConfig from `lfm2.*` hyperparameters,
 embedded tokenizer.json if present, else rebuilt from `tokenizer.ggml.tokens`/`merges`. The KV-cache type
 is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_cache=` overrides it.
 
-The header is validated with gguf-py's reader before llama.cpp sees the file, because llama.cpp aborts
-the process on some malformed files (and on lfm2 models without attention layers); llama.cpp's log is
+The header is validated with the bounded reader of edge/formats/headers.py before llama.cpp sees the
+file, because llama.cpp aborts the process on some malformed files (and on lfm2 models without attention
+layers), and gguf-py's reader trusts declared counts (a 158-byte file can make it allocate gigabytes); llama.cpp's log is
 captured process-wide, never printed, and its first error line ends up in the EdgeError when it still
 refuses a file.
 """
@@ -24,8 +25,9 @@ from gguf import GGMLQuantizationType as QType
 from gguf import Keys, LlamaFileType, TokenType
 
 from edge.config import HybridConfig
-from edge.errors import EdgeError, first_line
+from edge.errors import EdgeError
 from edge.formats import FORMATS
+from edge.formats.headers import GGUFHeader, HeaderError, read_gguf_header
 from edge.tokenizer import load_tokenizer
 from edge.formats.gguf import (ABSENT_KV_CACHE, ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_TYPES,
                                check_llamacpp_can_run, llama_log, quiet_llamacpp)
@@ -37,38 +39,33 @@ MAX_BATCH = 512  # tokens per llama_decode call; longer prompts are fed in chunk
 
 
 # ---- reading the GGUF header -------------------------------------------------------------------------
-def _field(reader: gguf.GGUFReader, key: str, default=None, required: bool = True):
-    f = reader.get_field(key)
-    if f is None:
+def _field(header: GGUFHeader, path: Path, key: str, default=None, required: bool = True):
+    if key not in header.fields:
         if required and default is None:
-            raise EdgeError(f"{reader.data.filename} lacks the GGUF key {key}; re-export it with `edge export gguf`")
+            raise EdgeError(f"{path} lacks the GGUF key {key}; re-export it with `edge export gguf`")
         return default
-    try:
-        return f.contents()
-    except (UnicodeDecodeError, ValueError) as e:  # e.g. a string that is not UTF-8
-        raise EdgeError(f"{reader.data.filename}: the GGUF key {key} is unreadable ({first_line(e)}); the file is "
-                        "corrupt, re-export it") from None
+    return header.fields[key]
 
 
 def read_gguf(path: Path) -> dict:
-    """Validate a .gguf header and return its config, tokenizer, quant, default KV type and context."""
+    """Validate a .gguf header and return its config, tokenizer, quant, default KV type and context.
+    The header is read by the bounded reader (edge/formats/headers.py): a declared count can neither
+    exhaust memory nor point llama.cpp outside the file."""
     try:
-        reader = gguf.GGUFReader(path)
-        size = path.stat().st_size
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, KeyError, IndexError... on bad bytes
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgeError(f"{path} is not a readable GGUF file ({msg}); it is truncated or corrupt, re-export it") \
-            from None
-    if end > size:
-        raise EdgeError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-export it")
-    arch = _field(reader, Keys.General.ARCHITECTURE)
+        header = read_gguf_header(path)
+    except HeaderError as e:
+        raise EdgeError(f"{path}: {e}" if "re-export" in str(e) else f"{path}: {e}; re-export it") from None
+
+    def field(key, **kw):
+        return _field(header, path, key, **kw)
+
+    arch = field(Keys.General.ARCHITECTURE)
     if arch != ARCH:
         raise EdgeError(f"{path} is a GGUF of architecture {arch!r}; this runtime runs LFM2-style models "
                         f"(architecture {ARCH!r})")
 
     def key(template, **kw):
-        return _field(reader, template.format(arch=arch), **kw)
+        return field(template.format(arch=arch), **kw)
 
     hidden = key(Keys.LLM.EMBEDDING_LENGTH)
     n_layers = key(Keys.LLM.BLOCK_COUNT)
@@ -77,12 +74,12 @@ def read_gguf(path: Path) -> dict:
     kv = kv if isinstance(kv, list) else [kv] * n_layers  # a scalar means every layer is attention
     if len(kv) != n_layers:
         raise EdgeError(f"{path}: head_count_kv has {len(kv)} entries for {n_layers} layers; the file is corrupt")
-    tokens = _field(reader, Keys.Tokenizer.LIST)
+    tokens = field(Keys.Tokenizer.LIST)
     # llama.cpp aborts the process (GGML_ASSERT in llama-vocab.cpp) on a token list with a repeated token
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or len(set(tokens)) < len(tokens):
         raise EdgeError(f"{path}: tokenizer.ggml.tokens is not a list of distinct strings; the file is corrupt, "
                         "re-export it")
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = {t.name for t in header.tensors}
     context = key(Keys.LLM.CONTEXT_LENGTH)
     try:
         config = HybridConfig(
@@ -94,21 +91,21 @@ def read_gguf(path: Path) -> dict:
             rope_theta=key(Keys.Rope.FREQ_BASE, default=10000.0),  # llama.cpp's default when absent
             max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=_field(reader, Keys.Tokenizer.BOS_ID, required=False),
-            eos_token_id=_field(reader, Keys.Tokenizer.EOS_ID, required=False),
-            pad_token_id=_field(reader, Keys.Tokenizer.PAD_ID, required=False))
+            bos_token_id=field(Keys.Tokenizer.BOS_ID, required=False),
+            eos_token_id=field(Keys.Tokenizer.EOS_ID, required=False),
+            pad_token_id=field(Keys.Tokenizer.PAD_ID, required=False))
     except EdgeError as e:
         raise EdgeError(f"{path}: {e}") from None
-    hf_json = _field(reader, Keys.Tokenizer.HF_JSON, required=False)
+    hf_json = field(Keys.Tokenizer.HF_JSON, required=False)
     if hf_json:
         tokenizer = load_tokenizer(hf_json)
     else:
-        tokenizer = tokenizer_from_vocab(tokens, _field(reader, Keys.Tokenizer.TOKEN_TYPE, required=False),
-                                         _field(reader, Keys.Tokenizer.MERGES))
-    file_type = _field(reader, Keys.General.FILE_TYPE, required=False)
+        tokenizer = tokenizer_from_vocab(tokens, field(Keys.Tokenizer.TOKEN_TYPE, required=False),
+                                         field(Keys.Tokenizer.MERGES))
+    file_type = field(Keys.General.FILE_TYPE, required=False)
     return dict(config=config, tokenizer=tokenizer, context_length=context, quant=_quant_name(file_type),
-                kv_cache=_field(reader, KV_CACHE_KEY, default=ABSENT_KV_CACHE),
-                chat_template=_field(reader, Keys.Tokenizer.CHAT_TEMPLATE, required=False))
+                kv_cache=field(KV_CACHE_KEY, default=ABSENT_KV_CACHE),
+                chat_template=field(Keys.Tokenizer.CHAT_TEMPLATE, required=False))
 
 
 def _quant_name(file_type) -> str:

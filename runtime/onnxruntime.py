@@ -20,6 +20,7 @@ import onnxruntime as ort
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
+from edge.formats.headers import HeaderError, check_onnx
 from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, REQUIRED_META, present_name
 from edge.tokenizer import load_tokenizer
 
@@ -50,6 +51,10 @@ class OnnxSession(Session):
     def __init__(self, path, n_threads: int | None = None, kv_cache: str | None = None,
                  max_seq_len: int | None = None):
         path = Path(path)
+        try:  # the bounded walk first: ONNX Runtime builds every message a file declares
+            check_onnx(path)
+        except HeaderError as e:
+            raise EdgeError(f"cannot load {path}: {e}; re-export it with `edge export onnx`") from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -26,6 +26,7 @@ import json
 import os
 import select
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -568,3 +569,146 @@ def test_gguf_with_a_token_that_is_not_utf8(artifact, loader, tmp_path):
     path = write_mutated(artifact("gguf"), "gguf", data, tmp_path)
     assert not load_and_run(loader, path, "llamacpp")
     assert "tokenizer.ggml.tokens is unreadable" in loader("info", path).err
+
+
+# ---- header bombs (issue 29): declared counts a trusting reader follows ----------------------------------
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def gguf_bomb() -> bytes:
+    """The issue's 158 bytes: one metadata array declaring 2^60 uint8 items (gguf-py looped over them
+    without reading a byte, to gigabytes)."""
+    s = lambda b: struct.pack("<Q", len(b)) + b  # noqa: E731 - a GGUF string
+    return (b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + s(b"general.architecture") + struct.pack("<I", 8) + s(b"llama")
+            + s(b"x") + struct.pack("<IIQ", 9, 0, 2**60) + b"\0" * 64)
+
+
+def onnx_bomb(nodes: int = 3 * 10**6) -> bytes:
+    """A ModelProto whose graph holds `nodes` empty nodes: 2 bytes each on the wire, ~100 in an engine."""
+    return b"\x08\x08" + b"\x3a" + _varint(2 * nodes) + b"\x0a\x00" * nodes
+
+
+def pte_bomb(pte: Path) -> bytes:
+    """`pte` with its forward method planning 1 PiB of memory (ExecutionPlan.non_const_buffer_sizes)."""
+    from edge.formats.headers import check_pte
+
+    planned = check_pte(pte)["forward"]
+    return replaced(pte.read_bytes(), struct.pack("<q", planned), struct.pack("<q", 2**50))
+
+
+@pytest.mark.parametrize("kind", [pytest.param("gguf", marks=needs("gguf")), pytest.param("onnx", marks=needs("onnx")),
+                                  pytest.param("executorch", marks=needs("executorch"))])
+def test_header_bombs_are_one_line_within_the_readers_budget(kind, artifact, loader, tmp_path):
+    """`edge info` (runtime.load) reads headers with the bounded readers of edge/formats/headers.py: what
+    the file declares costs no more than the budget, in memory and time."""
+    import time
+
+    data, word = {"gguf": (gguf_bomb, "budget"), "onnx": (onnx_bomb, "budget"),
+                  "executorch": (lambda: pte_bomb(artifact("executorch")), "GiB of memory")}[kind]
+    path = tmp_path / f"bomb{FORMATS[kind].suffix}"
+    path.write_bytes(data())
+    started = time.monotonic()
+    outcome = loader("info", path)
+    assert not one_line_or_ok(outcome) and word in outcome.err, str(outcome)
+    assert time.monotonic() - started < 30, f"took {time.monotonic() - started:.0f} s"
+
+
+@pytest.mark.engine("executorch")
+def test_the_op_library_loads_before_or_after_the_executorch_runtime(tiny_dir, tmp_path):
+    """Loaded RTLD_GLOBAL before ExecuTorch's Python runtime, libedge_ops made ExecuTorch abort the process
+    (`Re-registering aten::sym_size.int`, SIGABRT). runtime.et_kernels.LOAD_MODE works in either order."""
+    from runtime.et_kernels import library_path
+
+    if not library_path().exists():
+        pytest.skip("the op library is not built here (python -m runtime.et_kernels build)")
+    pte = export_model("executorch", tiny_dir, tmp_path / "int8.pte", kv_cache="int8", max_seq_len=64)
+    load_first = ("import ctypes; from runtime import et_kernels; "
+                  "ctypes.CDLL(str(et_kernels.library_path()), mode=et_kernels.LOAD_MODE)")
+    run = f"import runtime; s = runtime.load({str(pte)!r}); s.prefill([1, 2, 3]); s.decode(4); print(s.op_library)"
+    for script in (f"{load_first}\n{run}", f"{run}\n{load_first}\n{run}"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0 and str(library_path()) in done.stdout, done.stderr[-2000:]
+
+
+# ---- the agent's upload path under a crafted-header campaign (issue 29) ---------------------------------
+def header_mutants(rng, bases: dict[str, bytes]):
+    """Endless crafted uploads: a valid artifact's header with flipped bytes, huge counts written over its
+    count fields, a truncation, or another format's magic; each (name, bytes)."""
+    from edge.formats.headers import sniff
+
+    kinds = sorted(bases)
+    while True:
+        kind = kinds[rng.randrange(len(kinds))]
+        data = bytearray(bases[kind])
+        how = rng.choice(["flip", "count", "truncate", "flip+truncate"])
+        header_end = min(len(data), 4096)
+        if "flip" in how:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(header_end)] ^= rng.randint(1, 255)
+        if how == "count":  # a u64 or varint field set to a huge value somewhere in the header
+            at = rng.randrange(8, header_end - 8)
+            data[at:at + 8] = struct.pack("<Q", rng.choice([2**60, 2**32 - 1, 2**63 - 1, rng.getrandbits(64)]))
+        if "truncate" in how:
+            data = data[:rng.randrange(16, len(data))]
+        if sniff(bytes(data[:16])) is None:
+            data[:4] = {"gguf": b"GGUF", "onnx": b"\x08\x08\x12\x00", "executorch": data[:4]}[kind]
+        yield f"{kind}/{how}", bytes(data)
+
+
+@pytest.mark.benchmark
+def test_agent_upload_campaign(artifact, tmp_path):
+    """`PUT /artifacts` with crafted headers for EDGE_AGENT_FUZZ_S seconds (default 1200) against an agent
+    capped at 4 GiB of address space: every answer is 201 (a mutant that is still a valid header) or a 4xx
+    with a one-line error; the agent's own peak RSS stays under AGENT_RSS_MB. The record goes to
+    EDGE_AGENT_FUZZ_RECORD (default OUT/agent_fuzz.json)."""
+    import hashlib
+    import random
+    import resource
+    import time
+
+    import httpx
+
+    from test_device import TOKEN, AgentProc  # the device tests' agent process
+
+    seconds = float(os.environ.get("EDGE_AGENT_FUZZ_S", "1200"))
+    rng = random.Random(int(os.environ.get("EDGE_FUZZ_SEED", "0")))
+    bases = {k: artifact(k).read_bytes() for k in ("gguf", "onnx", "executorch")}
+    agent = AgentProc(tmp_path, "fuzzed", "0").start(limits={resource.RLIMIT_AS: 4 << 30})
+    statuses: dict[str, int] = {}
+    worst = {}
+    hwm = 0.0
+    started = time.monotonic()
+    try:
+        client = httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        for name, data in header_mutants(rng, bases):
+            if time.monotonic() - started > seconds:
+                break
+            r = client.put(f"{agent.url}/artifacts/{hashlib.sha256(data).hexdigest()}", content=data)
+            key = f"{r.status_code}"
+            statuses[key] = statuses.get(key, 0) + 1
+            assert r.status_code == 201 or 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+            if r.status_code != 201:
+                assert "\n" not in r.json()["error"], r.text
+            status = Path(f"/proc/{agent.proc.pid}/status").read_text()
+            hwm = max(hwm, int(status.split("VmHWM:")[1].split()[0]) / 1024)
+            worst.setdefault(r.status_code, (name, r.json().get("error", "")[:160] if r.status_code != 201 else ""))
+        client.close()
+    finally:
+        agent.stop()
+    record = {"seconds": round(time.monotonic() - started), "uploads": sum(statuses.values()), "statuses": statuses,
+              "agent_peak_rss_mb": round(hwm, 1), "agent_address_space_gib": 4, "header_check_address_space_gib": 1,
+              "examples": {str(k): v for k, v in worst.items()}, "seed": os.environ.get("EDGE_FUZZ_SEED", "0")}
+    out = Path(os.environ.get("EDGE_AGENT_FUZZ_RECORD", tmp_path / "agent_fuzz.json"))
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    assert hwm < AGENT_RSS_MB, f"the agent's peak RSS {hwm:.0f} MB"
+
+
+AGENT_RSS_MB = 300  # the agent never parses a header itself: its RSS is uvicorn's and the upload buffers'

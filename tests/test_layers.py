@@ -3,10 +3,14 @@
     0 core         edge.* (model, config, checkpoint, tokenizer, chat, files, errors, train)
     1 contracts    edge.formats.*: the registry and each format's contract
     2 engines      export.* and runtime.*, which never import each other
-    3 tools        arch_search.* and device.* (they may import each other)
+    3 tools        arch_search.* and device.*: the search measures through device's transports
+                   (arch_search -> device); device never imports the search (it starts the search's
+                   timing child by module name, and shares the runner and the work folder through
+                   runtime.isolate)
     4 CLI          edge.cli
 
-A module may import its own layer (but for export <-> runtime) and the layers below, never above. The
+A module may import its own layer (but for export <-> runtime and device -> arch_search) and the layers
+below, never above. The
 registry names exporters and backends as "module:attr" strings, resolved on use, so it stays in layer 1.
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("edge", "export", "runtime", "arch_search", "device")
-FORBIDDEN_PAIRS = {("export", "runtime"), ("runtime", "export")}  # same layer, never each other
+# same layer, never these directions: no circle between the engines, none between the tools
+FORBIDDEN_PAIRS = {("export", "runtime"), ("runtime", "export"), ("device", "arch_search")}
 
 
 def group(module: str) -> str | None:
@@ -100,7 +105,10 @@ def test_every_module_has_a_layer():
     ("edge.formats.gguf", "from runtime import load\n", True),                          # upward
     ("edge.model", "from edge.formats import FORMATS\n", True),
     ("edge.model", "from . import cli\n", True),                                         # relative
-    ("device.client", "from arch_search.measure import MeasureFailed\n", False),
+    ("device.client", "from arch_search.measure import MeasureFailed\n", True),         # tools, wrong way
+    ("device.agent", "def f():\n    import arch_search.measure\n", True),
+    ("device.client", "from runtime.isolate import MeasureFailed\n", False),
+    ("arch_search.search", "from device.transport import transports\n", False),
     ("runtime.llamacpp", "from edge.formats.gguf import ARCH\nfrom .session import Session\n", False),
     ("edge.cli", "import runtime, export, arch_search.cli, device.agent\n", False),
 ])

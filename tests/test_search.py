@@ -18,12 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runtime
-from arch_search.measure import MeasureFailed, MeasureSettings, measure, summary
-from arch_search.quality import evaluate, multiquery_ar, parse_proxy
-from arch_search.search import parse_budget
+from arch_search.budgets import parse_budget
+from arch_search.candidates import RandomBackbones
+from arch_search.measure import MeasureSettings, measure, summary
+from arch_search.proxies import ProxyContext, parse_proxy, score
 from arch_search.space import LFM2_ATTENTION, SPACES, Candidate, distributions, lfm2_layout, seed_params, suggest
+from arch_search.tasks import multiquery_ar
 from edge.cli import main as edge
 from edge.config import HybridConfig
+from runtime.isolate import MeasureFailed
 
 VOCAB = 1024  # the conftest tokenizer's
 FAST = dict(prefill_tokens=(128,), decode_depth=64, n_gen=16, repetitions=3)
@@ -134,6 +137,11 @@ LARGEST_TINY = Candidate(depth=8, hidden=256, heads=8, kv_heads=2, ffn=1152, att
                          vocab_size=VOCAB)
 
 
+def measure_candidate(c: Candidate, tokenizer_file, settings: MeasureSettings, workdir: Path) -> dict:
+    checkpoint = RandomBackbones("tiny", tokenizer_file, VOCAB).write_checkpoint(c, workdir / "checkpoint")
+    return measure(checkpoint, settings, workdir)
+
+
 @pytest.fixture(scope="session")
 def measured(tokenizer_file, tmp_path_factory):
     work = tmp_path_factory.mktemp("measure")
@@ -144,7 +152,7 @@ def measured(tokenizer_file, tmp_path_factory):
     ballast[::4096] = b"x" * len(ballast[::4096])
     for name, c in (("small", SMALL), ("small_2attn", SMALL_2ATTN), ("largest", LARGEST_TINY)):
         started = time.perf_counter()
-        result = measure(c.to_config(), tokenizer_file, s, work / name)
+        result = measure_candidate(c, tokenizer_file, s, work / name)
         out[name] = (result, summary(result, s), time.perf_counter() - started)
     del ballast
     return out
@@ -181,10 +189,10 @@ def test_kv_bytes_grow_with_attention_blocks_and_context(measured):
 def test_a_hung_or_failing_child_costs_one_candidate(tokenizer_file, tmp_path):
     # a time limit the export cannot meet: the child is killed and the reason reported
     with pytest.raises(MeasureFailed, match="export timed out"):
-        measure(SMALL.to_config(), tokenizer_file, MeasureSettings(timeout_s=0.5, **FAST), tmp_path / "a")
+        measure_candidate(SMALL, tokenizer_file, MeasureSettings(timeout_s=0.5, **FAST), tmp_path / "a")
     # an engine error in the child comes back as one line, not a traceback
     with pytest.raises(MeasureFailed, match="export failed: .*quant"):
-        measure(SMALL.to_config(), tokenizer_file, MeasureSettings(quant="q9_9", **FAST), tmp_path / "b")
+        measure_candidate(SMALL, tokenizer_file, MeasureSettings(quant="q9_9", **FAST), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -386,11 +394,11 @@ def test_mqar_separates_attention_from_conv_only():
                             block_multiple_of=64)
 
     proxy = parse_proxy("mqar:150")
-    attention, details = evaluate(proxy, config(["conv", "full_attention"]))
-    conv_only, _ = evaluate(proxy, config(["conv", "conv"]))
+    attention, details = score(proxy, config(["conv", "full_attention"]), ProxyContext())
+    conv_only, _ = score(proxy, config(["conv", "conv"]), ProxyContext())
     assert attention > conv_only + 0.2, (attention, conv_only)
     assert details["quality_s"] > 0 and details["mqar"]["steps"] == 150
-    params, d = evaluate(parse_proxy("params"), config(["conv", "full_attention"]))
+    params, d = score(parse_proxy("params"), config(["conv", "full_attention"]), ProxyContext())
     assert params == config(["conv", "full_attention"]).n_params(include_embeddings=False) / 1e6
 
 
@@ -402,6 +410,6 @@ def test_lm_proxy_reports_a_validation_loss(tmp_path, tokenizer_file):
     corpus.write_text(inspect.getsource(json) * 3)
     proxy = parse_proxy(f"lm:{corpus}:3")
     assert proxy.direction == "minimize" and proxy.steps == 3
-    loss, details = evaluate(proxy, SMALL.to_config(), tokenizer_file)
+    loss, details = score(proxy, SMALL.to_config(), ProxyContext(tokenizer_path=tokenizer_file, vocab_size=VOCAB))
     assert math.isfinite(loss) and 0 < loss < math.log(VOCAB) + 1
     assert details["lm"]["steps"] == 3 and details["quality_s"] > 0
