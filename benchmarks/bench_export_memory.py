@@ -28,7 +28,8 @@ from pathlib import Path
 
 # (format, quant, kv cache, output suffix): every format's 4-bit weights + 8-bit KV, then its 8-bit weights
 CASES = [
-    ("gguf", "q4_0", "q8_0", ".gguf"),
+    ("gguf", "q4_0", "q8_0", ".gguf"),    # with its default importance matrix: the fp32 model's forward pass first
+    ("gguf", "iq4_xs", "q8_0", ".gguf"),  # the GGUF 4-bit pick: f32 GGUF, then llama.cpp's quantizer
     ("gguf", "q8_0", None, ".gguf"),
     ("executorch", "8da4w", "int8", ".pte"),
     ("executorch", "8da8w", None, ".pte"),

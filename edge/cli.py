@@ -69,7 +69,8 @@ def cmd_export(args):
     from export import export_model
 
     options = {k: v for k, v in dict(group_size=args.group_size, embedding_quant=args.embedding_quant,
-                                     prefill_chunk=args.prefill_chunk).items() if v is not None}
+                                     prefill_chunk=args.prefill_chunk, quant_method=args.quant_method,
+                                     calib=args.calib).items() if v is not None}
     out = export_model(args.format, args.model_dir, args.output, quant=args.quant, kv_cache=args.kv_cache,
                        max_seq_len=args.max_seq_len, **options)
     out = Path(out)
@@ -195,9 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "library)")
     s.add_argument("--max-seq-len", type=int, help="longest context the artifact serves (default 2048)")
     s.add_argument("--group-size", type=int, help="4-bit quantization group/block size (executorch 8da4w: "
-                   "default 32; onnx int4: default 32, symmetric, with an 8-bit lm_head; 128 is faster at mean "
-                   "cos 0.977 on random checkpoints, under the 4-bit bound's 0.98, vs 0.986; "
-                   "benchmarks/results/fidelity.md)")
+                   "default 32, 0 = per channel; onnx int4: default 64, "
+                   "symmetric, with an 8-bit lm_head; 32 and 16 are finer, 128 misses the 4-bit bound on random "
+                   "checkpoints; benchmarks/results/fidelity.md). gguf: fixed by the --quant type")
+    s.add_argument("--quant-method", help="how the 4-bit weights are rounded: "
+                   f"{_vocab('quant_methods', lambda f: f.quant_methods)}. gguf (q4_0, q4_k_s, q4_k_m, iq4_xs, "
+                   "q5_k_m, q6_k): imatrix (the default; plain for iq4_xs) = llama.cpp's quantizer weighted by an "
+                   "importance matrix the fp32 model computes on --calib text (one forward pass over 1024 tokens: "
+                   "~1 min and the checkpoint's memory at 1.2B); plain = without it. executorch 8da4w: hqq (the "
+                   "default) = torchao's HQQ scale search, data-free, seconds; rtn = absmax round-to-nearest. onnx "
+                   "int4: rtn (the default) = ORT's symmetric quantizer, the fastest kernels; k_quant = its "
+                   "llama.cpp-style scale/min search (uint8 zero points, ~1.2x slower GEMV on AVX2; data-free, "
+                   "~10x rtn's export time); hqq = its HQQ (float zero points, which ORT's CPU kernel runs ~40x "
+                   "slower); gptq = its GPTQ on --calib activations (minutes, cubic in the width). Fidelity and "
+                   "bytes of each: benchmarks/results/fidelity.md")
+    s.add_argument("--calib", metavar="FILE", help="UTF-8 text the calibrated quantizers read: gguf's imatrix, "
+                   "onnx's gptq and --kv-cache int8 scales (default: the Python standard library's source, on "
+                   "every machine; export/calib.py). Refused where nothing reads it")
     s.add_argument("--embedding-quant", help="executorch: quantize the embedding table too (none|int8|int4)")
     s.add_argument("--prefill-chunk", type=int, help="executorch: most tokens one forward call takes "
                    "(longer prompts are split; default 128)")

@@ -19,6 +19,8 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 def export_model(fmt: str, model_dir, out, quant: str | None = None, kv_cache: str | None = None,
                  max_seq_len: int | None = None, **options) -> Path:
+    """options: the format's own (see its exporter), including `quant_method` (a name of the format's
+    quant_methods; None: the format's default for the quant) and `calib` (a calibration text file)."""
     spec = formats.get(fmt)
     out = Path(out)
     # onnx: a path without .onnx is an onnxruntime-genai model folder (export/genai.py)
@@ -28,7 +30,7 @@ def export_model(fmt: str, model_dir, out, quant: str | None = None, kv_cache: s
                         + (" (or have no suffix: a model folder)" if spec.folder else ""))
     quant = quant or spec.default_quant
     kv_cache = kv_cache or spec.default_kv_cache
-    spec.check(quant, kv_cache)
+    spec.check(quant, kv_cache, quant_method=options.get("quant_method"))
     max_seq_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
     if max_seq_len < 1:
         raise EdgeError(f"--max-seq-len must be positive, got {max_seq_len}")

@@ -38,14 +38,17 @@ from edge.model import RMSNorm
 from edge.files import atomic_path
 from edge.chat import read_chat_template
 from edge.tokenizer import tokenizer_json
-from edge.formats.executorch import (EMBEDDING_QUANTS, METADATA_VERSION, OP_LIBRARY, load_custom_ops,
+from edge.formats.executorch import (EMBEDDING_QUANTS, FORMAT, METADATA_VERSION, OP_LIBRARY, load_custom_ops,
                                      quantize_symmetric)
 
 # KV caches (edge/formats/__init__.py): int8 is our kernels (edge/formats/executorch.py), which need our op
 # library in the runner; int8-stock is the same int8 cache written with llama::update_cache and read by
 # llama::custom_quantized_sdpa, ExecuTorch's stock ops, for runners that cannot link our library (prebuilt
 # ExecuTorch packages), slower on x86 (benchmarks/RESULTS.md)
-DEFAULT_GROUP_SIZE = 32     # what the XNNPACK docs recommend for 8da4w
+# 8da4w's group: 32, what the XNNPACK docs recommend. With hqq scales, groups of 64 also stay within
+# docs/design.md §5's 4-bit bound (absmax rounding needs 32) for 4% fewer bytes per token at lfm2-350m, but
+# fall below export_llama's fidelity on LFM2-350M's shapes (benchmarks/RESULTS.md, issue 27): an option
+DEFAULT_GROUP_SIZE = 32
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -151,15 +154,22 @@ class QuantizedEmbedding(nn.Module):
     """Embedding table in int8 (one scale per row) or int4 (one scale per group of 32 columns, two
     values per byte), read by ExecuTorch's quantized_decomposed::embedding_byte / embedding_4bit."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 32):
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 32, method: str = "rtn"):
         super().__init__()
         self.bits = bits
         vocab, dim = weight.shape
         groups = 1 if bits == 8 else dim // group_size
-        w = weight.detach().float().reshape(vocab, groups, -1)
         qmax = 127 if bits == 8 else 7
-        scales = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10)
-        q = torch.round(w / scales).clamp(-qmax - 1, qmax).to(torch.int8).reshape(vocab, dim)
+        if method == "hqq":  # torchao's scale search, as for the linears (quantize_linears)
+            from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+            q, scales = _choose_qparams_and_quantize_scale_only_hqq(weight.detach().float(), [1, dim // groups],
+                                                                    -qmax - 1, qmax)
+            q, scales = q.to(torch.int8), scales.float().reshape(vocab, groups, 1)
+        else:
+            w = weight.detach().float().reshape(vocab, groups, -1)
+            scales = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10)
+            q = torch.round(w / scales).clamp(-qmax - 1, qmax).to(torch.int8).reshape(vocab, dim)
         if bits == 4:  # kernel layout: (even + 8) in the high nibble, (odd + 8) in the low nibble
             u = (q + 8).to(torch.uint8).reshape(vocab, dim // 2, 2)
             q = u[..., 0] * 16 + u[..., 1]
@@ -208,13 +218,18 @@ class DynamicQuantLinear(nn.Module):
         return F.linear(x, w, self.bias)
 
 
-def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]:
+def quantize_linears(model: nn.Module, quant: str, group_size: int, method: str = "rtn", head_bits: int = 8
+                     ) -> list[str]:
     """torchao dynamic int8 activations x int8/int4 weights (what XNNPACK runs); returns skipped names.
 
     8da4w: int4 weights in groups of `group_size` input columns (0 = one scale per output channel), except
-    the lm_head, which keeps int8 per channel as llama.cpp's q4_0 keeps its output matrix at 8 bits: a
-    4-bit head misses docs/design.md §5's 4-bit bound even at group 32 (benchmarks/RESULTS.md, 2026-11-30).
-    8da8w: int8 weights with one scale per output channel (XNNPACK runs groups for 4-bit only)."""
+    the lm_head, which keeps int8 per channel (head_bits 8) as llama.cpp's q4_0 keeps its output matrix at
+    8 bits: a 4-bit head misses docs/design.md §5's 4-bit bound on the random checkpoint (benchmarks/RESULTS.md,
+    2026-11-30 and issue 27). method: how torchao picks the scales (its `intx_choose_qparams_algorithm`):
+    "rtn" is absmax round-to-nearest ("affine"); "hqq" is "hqq_scale_only", HQQ's alternating least-squares
+    fit of each group's scale (symmetric, zero point 0, no data; up to 20 rounds), ExecuTorch's own LLM
+    export default since PR #14834. Same bytes and kernels either way. 8da8w: int8 weights, one scale per
+    output channel (XNNPACK runs groups for 4-bit only), always rtn."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -227,10 +242,12 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
                f"--group-size {group_size}); pick a group size that divides it, or 0 for per-channel")
         warnings.warn(msg, stacklevel=2)
         print(f"warning: {msg}", file=sys.stderr)
+    algorithm = "hqq_scale_only" if method == "hqq" else "affine"
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if quant == "8da4w" else torch.int8,
-        weight_granularity=PerGroup(group_size) if grouped else PerAxis(0))
-    head = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        weight_granularity=PerGroup(group_size) if grouped else PerAxis(0), intx_choose_qparams_algorithm=algorithm)
+    head = config if quant == "8da4w" and head_bits == 4 else Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8, weight_granularity=PerAxis(0), intx_choose_qparams_algorithm=algorithm)
     to_quantize = lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skipped  # noqa: E731
     quantize_(model, head, filter_fn=lambda m, fqn: to_quantize(m, fqn) and fqn == "lm_head")
     quantize_(model, config, filter_fn=lambda m, fqn: to_quantize(m, fqn) and fqn != "lm_head")
@@ -240,20 +257,28 @@ def quantize_linears(model: nn.Module, quant: str, group_size: int) -> list[str]
     return skipped
 
 
-def prepare_model(model, quant: str, group_size: int, embedding_quant: str):
+def prepare_model(model, quant: str, group_size: int, embedding_quant: str, method: str = "rtn", head_bits: int = 8):
     if model.config.tie_word_embeddings and (quant != "fp32" or embedding_quant != "none"):
         # untie: lm_head gets the linear format, the table the embedding format
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    skipped = quantize_linears(model, quant, group_size) if quant != "fp32" else []
+    skipped = quantize_linears(model, quant, group_size, method, head_bits) if quant != "fp32" else []
     if embedding_quant != "none":
         bits = 8 if embedding_quant == "int8" else 4
-        model.model.embed_tokens = QuantizedEmbedding(model.model.embed_tokens.weight, bits)
+        model.model.embed_tokens = QuantizedEmbedding(model.model.embed_tokens.weight, bits, method=method)
     use_matmul_rms_norm(model)  # after quantize_, which must not see the norms' matmul
     return skipped
 
 
 # ---- export -------------------------------------------------------------------------------------
-def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk):
+def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk, quant_method,
+                   calib, head_bits):
+    if calib is not None:
+        raise EdgeError("executorch export takes no --calib: its quantizers (--quant-method "
+                        f"{'|'.join(FORMAT.quant_methods)}) need no data; drop it")
+    if quant_method is not None and quant != "8da4w":
+        raise EdgeError(f"--quant-method applies to executorch's 4-bit weights (--quant 8da4w), not {quant}; drop it")
+    if head_bits not in (4, 8):
+        raise EdgeError(f"head_bits must be 4 or 8, got {head_bits}")
     if embedding_quant not in EMBEDDING_QUANTS:
         raise EdgeError(f"unsupported --embedding-quant {embedding_quant!r}; choose one of {', '.join(EMBEDDING_QUANTS)}")
     if embedding_quant == "int4" and config.hidden_size % 32:
@@ -268,7 +293,10 @@ def _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_q
 
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
            group_size: int = DEFAULT_GROUP_SIZE, embedding_quant: str | None = None,
-           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "custom", verbose: bool = False) -> Path:
+           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, quant_method: str | None = None, calib=None,
+           head_bits: int = 8, attention: str = "custom", verbose: bool = False) -> Path:
+    """quant_method: 8da4w's rounding (FORMAT.quant_methods, default the first); head_bits: the lm_head's
+    weights in 8da4w (8: int8 per channel; 4: the linears' int4 groups)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -280,9 +308,11 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     model = load_model(model_dir)
     config = model.config
     embedding_quant = embedding_quant or ("none" if quant == "fp32" else "int8")
-    _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk)
+    method = quant_method or (FORMAT.quant_methods[0] if quant == "8da4w" else "rtn")
+    _check_options(config, quant, kv_cache, max_seq_len, group_size, embedding_quant, prefill_chunk, quant_method,
+                   calib, head_bits)
     prefill_chunk = min(prefill_chunk, max_seq_len)
-    skipped = prepare_model(model, quant, group_size, embedding_quant)
+    skipped = prepare_model(model, quant, group_size, embedding_quant, method, head_bits)
     if kv_cache == "int8-stock":  # the same cache, ExecuTorch's own int8 attention kernel
         kv_cache, attention, kv_label = "int8", "llama", "int8-stock"
     else:
@@ -301,6 +331,7 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
     ours = kv_cache == "int8" and attention == "custom"
     metadata = dict(format_version=METADATA_VERSION, config=config.to_dict(), quant=quant, kv_cache=kv_label,
                     group_size=group_size, embedding_quant=embedding_quant, prefill_chunk=prefill_chunk,
+                    quant_method=method, head_bits=head_bits if quant == "8da4w" else None,
                     max_seq_len=max_seq_len, unquantized_linears=skipped,
                     chat_template=read_chat_template(model_dir),  # edge/chat.py; None if it has none
                     # our kernels the runtime must load before the forward method, and the library that

@@ -34,33 +34,69 @@ from edge.chat import read_chat_template
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.files import atomic_path
-from edge.formats.gguf import ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, check_llamacpp_can_run, llama_log
+from edge.formats.gguf import (ARCH, DEFAULT_METHODS, DIRECT_QUANTS, IMATRIX_FILE_TYPES, IMATRIX_QUANTS, K_QUANTS,
+                               KV_CACHE_KEY, check_llamacpp_can_run, llama_log)
 from edge.tokenizer import tokenizer_json
 
 # tensors llama.cpp's converter keeps in f32 whatever the file type (besides every 1-D tensor)
 F32_TENSORS = (MODEL_TENSOR.SHORTCONV_CONV,)
 
 
-def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int, **options) -> Path:
+def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int, quant_method: str | None = None,
+           calib=None, **options) -> Path:
+    """quant_method: how llama.cpp rounds IMATRIX_QUANTS (edge/formats/gguf.py; default DEFAULT_METHODS);
+    calib: the text file the importance matrix is computed on (export/calib.py)."""
     if options:
         raise EdgeError(f"gguf export takes no {'/'.join('--' + k.replace('_', '-') for k in options)}; "
                         "GGUF block sizes are fixed by the --quant type")
+    if quant_method is not None and quant not in IMATRIX_QUANTS:
+        raise EdgeError(f"--quant-method applies to gguf {'/'.join(IMATRIX_QUANTS)}, not {quant}; drop it")
+    imatrix = quant in IMATRIX_QUANTS and (quant_method or DEFAULT_METHODS[quant]) == "imatrix"
+    if calib is not None and not imatrix:
+        raise EdgeError(f"--calib is read by gguf's --quant-method imatrix ({'/'.join(IMATRIX_QUANTS)}); this "
+                        "export computes no importance matrix; drop it")
     config = HybridConfig.load(model_dir)
     if config.conv_bias:
         raise EdgeError(f"{model_dir} has conv_bias=True, which llama.cpp's lfm2 cannot represent (it has no "
                         "short-conv bias tensors); use `edge export executorch` or `edge export onnx` for this model")
     check_llamacpp_can_run(config, model_dir)
     tokenizer = tokenizer_json(model_dir)
+    # before anything is written: the model is loaded for it, then dropped (peak: the fp32 checkpoint)
+    importance = importance_matrix(model_dir, config, tokenizer, calib) if imatrix else None
     with atomic_path(out) as tmp:
-        if quant in K_QUANTS:
+        if quant in K_QUANTS or imatrix:
             f32_file = tmp.with_name(tmp.name + ".f32.partial")
             try:
                 write_gguf(model_dir, config, tokenizer, f32_file, "f32", kv_cache, max_seq_len)
-                quantize_with_llamacpp(f32_file, tmp, K_QUANTS[quant])
+                quantize_with_llamacpp(f32_file, tmp, IMATRIX_FILE_TYPES[quant], importance)
             finally:
                 f32_file.unlink(missing_ok=True)
         else:
             write_gguf(model_dir, config, tokenizer, tmp, quant, kv_cache, max_seq_len)
+    return out
+
+
+def importance_matrix(model_dir: Path, config: HybridConfig, tokenizer: str, calib=None) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> llama.cpp importance-matrix entry (float32 [in_features], the mean square of that
+    weight's input per column over the calibration text, export/calib.py), for the weights of the blocks
+    (blk.*), as llama.cpp's imatrix tool collects them by default (it leaves out the output matrix, which
+    the quantizer keeps at q6_K or more anyway)."""
+    from edge.checkpoint import load_model, return_freed_memory
+    from export.calib import calibration_ids, importance
+
+    name_map = gguf.get_tensor_name_map(MODEL_ARCH.LFM2, config.num_hidden_layers)
+    model = load_model(model_dir)
+    try:
+        by_module = importance(model, calibration_ids(tokenizer, calib),
+                               {name for name, _ in model.named_modules() if name.startswith("model.layers.")})
+    finally:
+        del model
+        return_freed_memory()
+    out = {}
+    for module, values in by_module.items():
+        found = name_map.get_type_and_name(module + ".weight", try_suffixes=(".weight",))
+        if found is not None and found[1].startswith("blk."):
+            out[found[1]] = values
     return out
 
 
@@ -236,12 +272,25 @@ def write_gguf(model_dir: Path, config: HybridConfig, tokenizer: str, path: Path
 
 
 # ---- K-quants through llama.cpp ------------------------------------------------------------------
-def quantize_with_llamacpp(src: Path, dst: Path, file_type: LlamaFileType) -> None:
+def quantize_with_llamacpp(src: Path, dst: Path, file_type: LlamaFileType,
+                           imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's `llama_model_quantize` of an f32 GGUF (its tensor-type mix for `file_type`), with the
+    importance matrix `imatrix` (GGUF tensor name -> float32 [in_features]) when given."""
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = min(os.cpu_count() or 1, 4)
+    if imatrix:  # a {name, data, size} array ended by a NULL name (llama.h's llama_model_imatrix_data)
+        keep = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]
+        entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+        for entry, name, values in zip(entries, imatrix, keep):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = entries
     with llama_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:

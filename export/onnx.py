@@ -52,16 +52,19 @@ from edge.files import atomic_path
 from edge.model import causal_mask, grouped_attention, rope_cos_sin
 from edge.tokenizer import tokenizer_json
 from export.genai import SINGLE_FILE_LIMIT, write_model_folder
-from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, present_name, state_names
+from edge.formats.onnx import ATTENTION_MASK, FORMAT, META_PREFIX, present_name, state_names
 
-# int4 block size by default: 32, ORT's fast MLAS int8-compute block on x86 (a 65536 x 1024 lm_head GEMV on
-# AVX2: block 16 5.8 ms, block 32 2.0 ms, the onnxruntime-genai builder's default too), with the lm_head (and
-# the tied embedding reading its blocks) at 8 bits, as llama.cpp's q4_0 keeps its output matrix at q8_0 and
-# our ExecuTorch 8da4w keeps its lm_head int8: a 4-bit head misses docs/design.md §5's 4-bit bound on a
-# random transformers-made checkpoint even at block 32 (benchmarks/bench_fidelity.py; RESULTS.md 2026-11-30).
-# --group-size 128 is ORT's quantizer default and MLAS's fastest int8 kernel, an option at its fidelity.
-GROUP_SIZES = (32, 16)
+# int4 block size by default: 64 (the first of GROUP_SIZES dividing the hidden size), symmetric, with the lm_head
+# (and the tied embedding reading its blocks) at 8 bits, as llama.cpp's q4_0 keeps its output matrix at q8_0 and
+# our ExecuTorch 8da4w keeps its lm_head int8: a 4-bit head misses docs/design.md §5's 4-bit bound on a random
+# transformers-made checkpoint with every quantizer ORT ships except hqq, whose float zero points its CPU kernel
+# runs ~40x slower. Block 64 is within the bound on the random, trained and text-trained checkpoints, close to
+# block 32 on the trained ones (less faithful at LFM2-350M's random shapes, still more than the genai builder's
+# default), for 10% fewer bytes per token in the 4-bit body (benchmarks/bench_fidelity.py; RESULTS.md issue 27);
+# 32 (the onnxruntime-genai builder's) and 16 remain --group-size options, 128 misses the bound.
+GROUP_SIZES = (64, 32, 16)
 HEAD_BITS, HEAD_BLOCKS = 8, (128, 64, 32, 16)  # 8-bit head: block 128 as fast as any here (3.2 ms vs 3.6 at 32)
+CALIBRATED_METHODS = ("gptq",)  # int4 methods that read calibration activations (--calib)
 OPSET = 18
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
@@ -120,9 +123,12 @@ class OnnxStep(nn.Module):
 
 
 def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len: int,
-           group_size: int | None = None, **ignored) -> Path:
+           group_size: int | None = None, quant_method: str | None = None, calib=None, head_bits: int = HEAD_BITS,
+           **ignored) -> Path:
     """Write `out` from the checkpoint in model_dir: one .onnx file, or, for a path without the .onnx
-    suffix, an onnxruntime-genai model folder (export/genai.py); see the module docstring."""
+    suffix, an onnxruntime-genai model folder (export/genai.py); see the module docstring.
+    quant_method: int4's rounding (FORMAT.quant_methods, `quantize_matmul_nbits`); calib: the text file
+    gptq and the int8 KV scales calibrate on (export/calib.py); head_bits: int4's lm_head, 8 or 4."""
     import onnx
 
     unused = [k for k, v in ignored.items() if v is not None]
@@ -131,12 +137,26 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
                         "ExecuTorch options; drop them")
     if quant == "int4" and group_size and (group_size < 16 or group_size & (group_size - 1)):
         raise EdgeError(f"--group-size {group_size} is invalid for onnx int4; use a power of two >= 16 (e.g. 128)")
+    if quant_method is not None and quant != "int4":
+        raise EdgeError(f"--quant-method applies to onnx's 4-bit weights (--quant int4), not {quant}; drop it")
+    method = quant_method or FORMAT.quant_methods[0]
+    if calib is not None and not (quant == "int4" and method in CALIBRATED_METHODS) and kv_cache != "int8":
+        raise EdgeError("--calib is read by onnx int4's --quant-method gptq and by --kv-cache int8's scales; "
+                        "this export uses neither; drop it")
+    if head_bits not in (4, 8):
+        raise EdgeError(f"head_bits must be 4 or 8, got {head_bits}")
     model = load_model(model_dir)
     config = model.config
     group_size = group_size or next((g for g in GROUP_SIZES if config.hidden_size % g == 0), GROUP_SIZES[-1])
     tokenizer_text = tokenizer_json(model_dir)
     with quiet():
-        scales = calibrate_kv_scales(model, tokenizer_text) if kv_cache == "int8" and config.attention_layers else None
+        scales = (calibrate_kv_scales(model, tokenizer_text, calib) if kv_cache == "int8" and config.attention_layers
+                  else None)
+        inputs = None
+        if quant == "int4" and method in CALIBRATED_METHODS:  # the rows each MatMul's weight multiplies
+            from export.calib import calibration_ids, linear_inputs
+
+            inputs = linear_inputs(model, calibration_ids(tokenizer_text, calib))
         # the int8 graph is the fp32 one whose GroupQueryAttention nodes then store int8 (quantize_kv_cache)
         graph = trace(model, "fp32" if kv_cache == "int8" else kv_cache, max_seq_len)
         # the graph's weights are placeholders (optimize_with_lazy_weights): from here on they are read from the checkpoint
@@ -147,11 +167,13 @@ def export(model_dir: Path, out: Path, *, quant: str, kv_cache: str, max_seq_len
         bind_weights(graph, model_dir)
         if scales is not None:
             graph = quantize_kv_cache(graph, config, scales)
-        graph = quantize_weights(graph, quant, group_size, config)
+        graph = quantize_weights(graph, quant, group_size, config, method, head_bits, inputs)
+        del inputs
     chat_template = read_chat_template(model_dir)
     metadata = {"config": json.dumps(config.to_dict()), "tokenizer": tokenizer_text, "quant": quant,
                 "kv_cache": kv_cache, "max_seq_len": str(max_seq_len),
                 "group_size": str(group_size if quant == "int4" else 0),
+                "quant_method": method if quant == "int4" else "", "head_bits": str(head_bits if quant == "int4" else 0),
                 "io": "see export/onnx.py: input_ids, attention_mask (GQA graphs), past_key_values.{i}.key/value, "
                       "past_conv.{i} -> logits [1,1,vocab], present.{i}.*, present_conv.{i}"}
     if chat_template:
@@ -231,15 +253,16 @@ CALIBRATION_TOKENS = 512
 
 
 @torch.no_grad()
-def calibrate_kv_scales(model, tokenizer_text: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def calibrate_kv_scales(model, tokenizer_text: str, calib=None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per attention layer, the int8 scales of K and V, each [n_kv_heads, head_dim]: the largest |value|
-    of that channel over a forward pass on CALIBRATION_TOKENS tokens of the default corpus (the Python
-    standard library's source), / 127. K is seen after RoPE, which rotates channel pairs (d, d + D/2),
-    so a K pair shares the larger of its two maxima: a rotation never carries a value past its scale."""
+    of that channel over a forward pass on CALIBRATION_TOKENS tokens of the calibration text (export/calib.py:
+    --calib, or the Python standard library's source), / 127. K is seen after RoPE, which rotates channel
+    pairs (d, d + D/2), so a K pair shares the larger of its two maxima: a rotation never carries a value
+    past its scale."""
     from edge.model import DynamicCache
-    from edge.tokenizer import default_corpus, load_tokenizer
+    from export.calib import calibration_ids
 
-    ids = load_tokenizer(tokenizer_text).encode(default_corpus()[:20 * CALIBRATION_TOKENS]).ids[:CALIBRATION_TOKENS]
+    ids = calibration_ids(tokenizer_text, calib, CALIBRATION_TOKENS)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     class Recording(DynamicCache):
@@ -530,13 +553,15 @@ def weight_matmuls(graph) -> list[str]:
             and any(i in constants for i in n.input[:2])]
 
 
-def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
+def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig, method: str = "rtn",
+                     head_bits: int = HEAD_BITS, inputs: dict[str, np.ndarray] | None = None):
     """fp32 as is. int8: ORT dynamic quantization (int8 weights per output channel, activations
-    quantized per call). int4: MatMulNBits, symmetric blocks of `group_size` along K with a scale each
-    (`quantize_matmul_nbits` says why symmetric), int8 compute (accuracy_level 4, ORT's fast CPU path).
-    Every weight MatMul is quantized, lm_head included (export untied it so the quantizer sees a constant
-    MatMul), the lm_head to 8 bits (HEAD_BITS). int4 with tied embeddings: the embedding reads the
-    lm_head's blocks (`share_quantized_embedding`); otherwise it keeps an fp32 table.
+    quantized per call). int4: MatMulNBits, blocks of `group_size` along K rounded by `method`
+    (`quantize_matmul_nbits`), int8 compute (accuracy_level 4, ORT's fast CPU path). Every weight MatMul
+    is quantized, lm_head included (export untied it so the quantizer sees a constant MatMul), the lm_head
+    to `head_bits` (8: symmetric rtn in blocks of HEAD_BLOCKS). int4 with tied embeddings: the embedding reads
+    the lm_head's blocks where their layout allows (`share_quantized_embedding`); otherwise it keeps an fp32
+    table. `inputs`: each linear's calibration input rows (export/calib.py), which gptq needs.
 
     The graph ORT's quantize_dynamic / MatMulNBitsQuantizer would write, node for node and with their
     arithmetic (`quantize_matmul_int8`, `quantize_matmul_nbits`), but one weight at a time, each read
@@ -551,12 +576,13 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
         weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx_float():
             continue
-        if quant == "int4" and "logits" in n.output:
+        if quant == "int4" and "logits" in n.output and head_bits == 8:
             K = weight.dims[0]
             block = next((b for b in HEAD_BLOCKS if K % b == 0), HEAD_BLOCKS[-1])
-            replace[id(n)], new = quantize_matmul_nbits(n, weight, block, bits=HEAD_BITS)
+            replace[id(n)], new = quantize_matmul_nbits(n, weight, block, bits=8)
         elif quant == "int4":
-            replace[id(n)], new = quantize_matmul_nbits(n, weight, group_size)
+            rows = inputs[linear_name(weight)] if inputs is not None else None
+            replace[id(n)], new = quantize_matmul_nbits(n, weight, group_size, method=method, inputs=rows)
         else:
             replace[id(n)], new = quantize_matmul_int8(n, weight, quantized_inputs)
         graph.graph.initializer.extend(new)
@@ -569,25 +595,46 @@ def quantize_weights(graph, quant: str, group_size: int, config: HybridConfig):
     return materialize_weights(graph)  # what stays float (an untied or int8-graph embedding table)
 
 
+def linear_name(weight) -> str:
+    """The edge.model module name of the linear a weight placeholder holds (of its first piece: the pieces of
+    a packed MatMul read one input), as export.calib.linear_inputs keys it."""
+    return lazy_pieces(weight)[0]["name"].removeprefix("model.").removesuffix(".weight")
+
+
 def onnx_float() -> int:
     from onnx import TensorProto
 
     return TensorProto.FLOAT
 
 
-def quantize_matmul_nbits(node, weight, group_size: int, bits: int = 4):
-    """MatMul(x, W) -> com.microsoft MatMulNBits over W's `bits`-bit blocks, as ORT's MatMulNBitsQuantizer
-    (DefaultWeightOnlyQuantizer, symmetric, accuracy_level 4) writes it: symmetric blocks carry no zero
-    points, and MLAS's int8-compute GEMV runs them 1.2x faster than asymmetric ones on AVX2 (1024 x 4608,
-    block 32: 176 vs 228 us), the onnxruntime-genai builder's choice too. Returns (nodes, initializers)."""
+def quantize_matmul_nbits(node, weight, group_size: int, bits: int = 4, method: str = "rtn", inputs=None):
+    """MatMul(x, W) -> com.microsoft MatMulNBits over W's `bits`-bit blocks along K, int8 compute
+    (accuracy_level 4). Returns (nodes, initializers). The methods are onnxruntime's quantizers
+    (onnxruntime.quantization.matmul_nbits_quantizer), each run as ORT runs it, on W alone:
+    - rtn: ORT's default quantizer (DefaultWeightOnlyQuantizer, C++ quantize_matmul_4bits), symmetric:
+      scale = signed absmax / -8 per block (llama.cpp q4_0's rule), no zero points, which MLAS's
+      int8-compute GEMV runs 1.2x faster than asymmetric blocks on AVX2 (1024 x 4608, block 32: 176 vs
+      228 us), the onnxruntime-genai builder's choice too. Data-free, fast.
+    - k_quant: its port of llama.cpp's make_qkx2_quants (per block a weighted least-squares search of scale and
+      minimum over 20 candidates), asymmetric: uint8 zero points. Data-free; ~10x rtn's time.
+    - hqq: its Half-Quadratic Quantization (20 rounds of a proximal solver on the zero point), asymmetric with
+      float zero points; needs torch. Data-free.
+    - gptq: its GPTQ (neural_compressor.gptq_quantize): error-compensating rounding column by column with the
+      Hessian X^T X of the rows `inputs` (the calibration activations of this MatMul, export/calib.py),
+      symmetric, as ORT packs it. Cubic in K: minutes per GB of weights."""
     from onnx import helper, numpy_helper
+
+    w = weight_array(weight)
+    K, N = w.shape
+    if method != "rtn":
+        nodes, tensors = _ort_weight_only(node, w, group_size, bits, method, inputs)
+        del w
+        return nodes, tensors
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
 
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
         block_size=group_size, is_symmetric=True, accuracy_level=4, bits=bits))
-    w = weight_array(weight)
-    K, N = w.shape
     packed, scales, _ = quantizer.qbits_block_quant(w)  # symmetric: the kernel's implied zero point 2^(bits-1)
     del w
     name = weight.name
@@ -597,6 +644,62 @@ def quantize_matmul_nbits(node, weight, group_size: int, bits: int = 4):
                               name=node.name + tag if node.name else "", domain="com.microsoft",
                               K=K, N=N, bits=bits, block_size=group_size, accuracy_level=4)
     return [matmul], tensors
+
+
+def _ort_weight_only(node, w: np.ndarray, group_size: int, bits: int, method: str, inputs):
+    """ORT's MatMulNBitsQuantizer on a one-MatMul model holding W: its own code path for `method` (the
+    graph-level quantizers read every weight of a model at once; here they see one). Returns the
+    MatMulNBits node, renamed to read and write what `node` does, and its initializers."""
+    import contextlib
+    import io
+
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    K, N = w.shape
+    weight_name = node.input[1]
+    mini = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", weight_name], ["y"], name="matmul")], "one_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N])],
+        [numpy_helper.from_array(w, weight_name)]), opset_imports=[helper.make_opsetid("", OPSET)])
+    symmetric = method == "gptq"  # k_quant and hqq are asymmetric by construction
+    if method == "k_quant" and -(-K // group_size) % 2:
+        # onnxruntime 1.32's neural_compressor packs two 4-bit zero points per byte across columns, which for an
+        # odd number of blocks per column is not MatMulNBits' per-column layout (it fails, or misplaces them)
+        raise EdgeError(f"onnx k_quant needs an even number of blocks per column; {node.input[1]} has {K} rows, "
+                        f"{-(-K // group_size)} block(s) of {group_size}; use a smaller --group-size or another "
+                        "--quant-method")
+    if method == "k_quant":
+        config = mnq.KQuantWeightOnlyQuantConfig(customized_weight_config={"matmul": {"bits": bits}})
+    elif method == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=group_size, bits=bits)
+    elif method == "gptq":
+        if bits != 4:
+            raise EdgeError("internal: ORT's gptq writes 4-bit MatMulNBits only")
+
+        class Rows(mnq.CalibrationDataReader):  # one batch: every calibration row of this MatMul's input
+            def get_next(self):
+                return None
+
+            def __iter__(self):  # what ORT's gptq reads (it iterates a deep copy of the reader)
+                return iter([{"x": inputs}])
+
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Rows())
+    else:
+        raise EdgeError(f"unknown onnx --quant-method {method!r}; choose one of {', '.join(FORMAT.quant_methods)}")
+    quantizer = mnq.MatMulNBitsQuantizer(mini, bits=bits, block_size=group_size, is_symmetric=symmetric,
+                                         accuracy_level=4, algo_config=config)
+    with contextlib.redirect_stdout(io.StringIO()):  # its neural_compressor code prints a progress bar
+        quantizer.process()
+    graph = quantizer.model.model.graph
+    (matmul,) = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    matmul.input[0], matmul.output[0] = node.input[0], node.output[0]
+    matmul.name = node.name + f"_Q{bits}" if node.name else ""
+    if not any(a.name == "accuracy_level" for a in matmul.attribute):  # hqq writes none
+        matmul.attribute.append(helper.make_attribute("accuracy_level", 4))
+    used = set(matmul.input)
+    return [matmul], [t for t in graph.initializer if t.name in used]
 
 
 def quantize_matmul_int8(node, weight, quantized_inputs: dict):
@@ -648,9 +751,10 @@ def quantize_columns_int8(w: np.ndarray, rows_per_step: int = 256) -> tuple[np.n
 
 def share_quantized_embedding(graph):
     """Tied embeddings, int4: replace the embedding's fp32 Gather by a com.microsoft GatherBlockQuantized
-    over the lm_head MatMulNBits' own (8-bit) blocks and scales (one table in the file, as
+    over the lm_head MatMulNBits' own blocks, scales and (uint8) zero points (one table in the file, as
     the onnxruntime-genai builder does: the fp32 table was half of an int4 lfm2-350m file). Returns the
-    graph unchanged where the blocks do not tile the rows exactly (hidden not a multiple of the block)."""
+    graph unchanged where the blocks do not tile the rows exactly (hidden not a multiple of the block) or
+    the zero points are float (hqq's), which GatherBlockQuantized does not take."""
     from onnx import TensorProto, helper
 
     nodes = list(graph.graph.node)
@@ -661,16 +765,22 @@ def share_quantized_embedding(graph):
         return graph
     attrs = {a.name: a.i for a in lm_head.attribute}
     vocab, hidden, block, bits = attrs["N"], attrs["K"], attrs["block_size"], attrs["bits"]
-    if hidden % block or list(inits[gather.input[0]].dims) != [vocab, hidden]:
+    zero_points = lm_head.input[3] if len(lm_head.input) > 3 and lm_head.input[3] else None
+    if (hidden % block or list(inits[gather.input[0]].dims) != [vocab, hidden]
+            or (zero_points and inits[zero_points].data_type != TensorProto.UINT8)):
         return graph
     blocks, scales = lm_head.input[1], lm_head.input[2]
-    graph.graph.initializer.append(helper.make_tensor("embedding.rows", TensorProto.INT64, [2],
-                                                      [vocab, hidden * bits // 8]))
-    # symmetric blocks (quantize_matmul_nbits): no zero points, the op's implied 2^(bits-1) as in MatMulNBits
+    graph.graph.initializer.extend([
+        helper.make_tensor("embedding.rows", TensorProto.INT64, [2], [vocab, hidden * bits // 8]),
+        helper.make_tensor("embedding.scale_rows", TensorProto.INT64, [2], [vocab, hidden // block])])
+    # without zero points (symmetric blocks) the op's implied 2^(bits-1), as in MatMulNBits; MatMulNBits also
+    # takes its scales flat (hqq writes them so), GatherBlockQuantized only as [rows, blocks]
     new = [helper.make_node("Reshape", [blocks, "embedding.rows"], ["embedding.blocks"]),  # [vocab, K*bits/8] uint8
-           helper.make_node("GatherBlockQuantized", ["embedding.blocks", gather.input[1], scales], list(gather.output),
-                            name=f"embedding_q{bits}", domain="com.microsoft", bits=bits, block_size=block,
-                            gather_axis=0, quantize_axis=1)]
+           helper.make_node("Reshape", [scales, "embedding.scale_rows"], ["embedding.scales"]),
+           helper.make_node("GatherBlockQuantized",
+                            ["embedding.blocks", gather.input[1], "embedding.scales", *([zero_points] * bool(zero_points))],
+                            list(gather.output), name=f"embedding_q{bits}", domain="com.microsoft", bits=bits,
+                            block_size=block, gather_axis=0, quantize_axis=1)]
     return rebuild(graph, nodes, {id(gather): new}, set())
 
 

@@ -411,3 +411,36 @@ def test_int8_cache_writer_kernel_matches_torch(tmp_path, op_library):
         torch.testing.assert_close(scales, want.scales, rtol=1e-6, atol=0)
         assert (cache.int() - want.cache.int()).abs().max() <= 1
     assert not cache[:, 12:].any() and not scales[:, 12:].any()  # positions never written stay zero
+
+
+def test_quant_method_and_calib_refusals(checkpoints, tmp_path):
+    """ExecuTorch's quantizers need no data, and --quant-method rounds 8da4w's 4-bit weights only."""
+    d, out = checkpoints("tiny"), tmp_path / "x.pte"
+    for options, words in ((dict(quant="8da4w", calib=__file__), ("--calib", "drop it")),
+                           (dict(quant="8da8w", quant_method="hqq"), ("--quant-method", "8da8w")),
+                           (dict(quant="8da4w", quant_method="gptq"), ("'gptq'", "hqq"))):
+        with pytest.raises(EdgeError) as e:
+            export_model("executorch", d, out, **options)
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    assert not out.exists()
+
+
+def test_hqq_scales_fit_better_than_absmax(checkpoints):
+    """torchao's hqq_scale_only (8da4w's --quant-method hqq) moves group scales off absmax / 8 where that
+    lowers the rounding error: every 4-bit linear's reconstruction error is at most rtn's, and lower overall."""
+    from export.executorch import prepare_model
+
+    errors = {}
+    for method in ("rtn", "hqq"):
+        model = load_model(checkpoints("trained:tiny"))
+        reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        prepare_model(model, "8da4w", group_size=32, embedding_quant="none", method=method)
+        errors[method] = {}
+        for name, w in reference.items():
+            q = model.get_submodule(name)
+            groups = q.weight.reshape(q.weight.shape[0], -1, q.group_size).float()
+            scale = q.scale.reshape(groups.shape[0], -1, 1) if q.scale.dim() == 2 else q.scale.reshape(-1, 1, 1)
+            deq = (groups * scale).reshape(w.shape) if q.scale.dim() == 2 else q.weight.float() * q.scale[:, None]
+            errors[method][name] = float(((deq - w) ** 2).sum())
+    assert sum(errors["hqq"].values()) < sum(errors["rtn"].values())
+    assert all(errors["hqq"][n] <= errors["rtn"][n] * 1.001 for n in errors["rtn"]), errors

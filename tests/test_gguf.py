@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_IDS, build_checkpoint
+from conftest import PARITY_IDS, TRAIN_STEPS, build_checkpoint
 from gguf import GGMLQuantizationType as QType
 from parity import assert_parity, metrics, random_ids, reference_logits, session_logits
 from safetensors.torch import save_file
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.engine("llamacpp")
 
 # Checkpoints beyond conftest's VARIANTS: rows of 256 so llama.cpp's K-quants really use K blocks
 # (tiny's rows of 128 make llama.cpp fall back to q5_0/q8_0), and head_dim 16 for the KV block check.
-EXTRA = {"wide": dict(hidden_size=256, intermediate_size=1152), "head_dim16": dict(num_attention_heads=8)}
+EXTRA = {"wide": dict(hidden_size=256, intermediate_size=1152), "head_dim16": dict(num_attention_heads=8),
+         "trained_wide": dict(hidden_size=256, intermediate_size=1152, train_steps=TRAIN_STEPS)}
 IDS = PARITY_IDS
 
 
@@ -145,6 +146,71 @@ def test_k_quants_use_llamacpp_blocks(gguf_file):
     assert QType.Q6_K in types.values()  # q4_k_m mixes in q6_K for some tensors
     assert types["blk.0.attn_norm.weight"] == QType.F32
     assert types["blk.0.shortconv.conv.weight"] == QType.F32
+
+
+# ---- quantizers (issue 27): llama.cpp's mixes and its importance matrix ------------------------------------
+def test_importance_matrix_covers_every_block_weight(model_dir, gguf_file):
+    """One entry per 2-D weight of the blocks, named as the GGUF names it, as long as its input width,
+    positive and finite; the output matrix left out, as llama.cpp's imatrix tool leaves it by default."""
+    d = model_dir("wide")
+    config = HybridConfig.load(d)
+    entries = export_gguf.importance_matrix(d, config, (d / "tokenizer.json").read_text())
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file("wide", "f32")).tensors}
+    block_weights = {n for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2
+                     and "shortconv.conv" not in n}
+    assert set(entries) == block_weights
+    for name, values in entries.items():
+        assert values.shape == (int(tensors[name].shape[0]),) and values.dtype == np.float32, name
+        assert np.isfinite(values).all() and (values > 0).all(), name
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "iq4_xs", "q4_k_s"])
+def test_imatrix_quants_meet_the_bound(model_dir, reference, tmp_path, quant):
+    """Rows of 256 (wide): llama.cpp's own 4-bit types, with and without the importance matrix, both meeting
+    the 4-bit bound on a trained model. The importance matrix changes the rounding of the block weights
+    (llama.cpp's mix also moves a few tensors between types with one; plain q4_0 is gguf-py's writer)."""
+    trained = model_dir("trained_wide")
+    files = {m: export_model("gguf", trained, tmp_path / f"{quant}-{m}.gguf", quant=quant, quant_method=m)
+             for m in ("plain", "imatrix")}
+    read = {m: {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(f).tensors} for m, f in files.items()}
+    same_type = [n for n, (t, _) in read["plain"].items() if n.startswith("blk.") and read["imatrix"][n][0] == t
+                 and t not in (QType.F32, QType.F16)]
+    assert same_type and any(read["plain"][n][1] != read["imatrix"][n][1] for n in same_type)
+    if quant == "iq4_xs":
+        assert read["imatrix"]["blk.0.ffn_up.weight"][0] == QType.IQ4_XS
+    for m, f in files.items():
+        session = load(f, n_threads=1)
+        assert session.quant == quant
+        assert_parity(reference(trained), session_logits(session, IDS), "4bit")
+
+
+def test_quant_method_and_calib_refusals(model_dir, tmp_path):
+    d, out = model_dir("tiny"), tmp_path / "x.gguf"
+    one_line_error(lambda: export_model("gguf", d, out, quant="q4_0", quant_method="hqq"), "'hqq'", "imatrix")
+    one_line_error(lambda: export_model("gguf", d, out, quant="q8_0", quant_method="imatrix"), "--quant-method",
+                   "q8_0")
+    one_line_error(lambda: export_model("gguf", d, out, quant="q4_0", quant_method="plain", calib=__file__),
+                   "--calib", "drop it")
+    one_line_error(lambda: export_model("gguf", d, out, quant="f16", calib=__file__), "--calib")
+    one_line_error(lambda: export_model("gguf", d, out, quant="q4_0", quant_method="imatrix",
+                                        calib=tmp_path / "missing.txt"), "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    one_line_error(lambda: export_model("gguf", d, out, quant="q4_0", quant_method="imatrix",
+                                        calib=tmp_path / "empty.txt"), "empty")
+    assert not out.exists()
+
+
+def test_calib_file_is_read(model_dir, tmp_path):
+    """--calib text changes the importance matrix, and so the rounding."""
+    d = model_dir("tiny")
+    config = HybridConfig.load(d)
+    tok = (d / "tokenizer.json").read_text()
+    other = tmp_path / "other.txt"
+    other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    default = export_gguf.importance_matrix(d, config, tok)
+    custom = export_gguf.importance_matrix(d, config, tok, other)
+    assert default.keys() == custom.keys()
+    assert not np.allclose(default["blk.0.ffn_up.weight"], custom["blk.0.ffn_up.weight"])
 
 
 def test_tensor_layout_and_metadata(gguf_file):

@@ -16,7 +16,7 @@ import pytest
 from conftest import PARITY_IDS
 from edge.errors import EdgeError
 from export import export_model
-from export.onnx import weight_matmuls
+from export.onnx import GROUP_SIZES, weight_matmuls
 from parity import assert_parity, session_logits
 from runtime import load
 
@@ -70,8 +70,9 @@ def test_parity(case, artifact, checkpoints, reference):
 
 def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
     """lm_head (tied to the embedding) is quantized too. int8: the embedding Gather keeps a float table;
-    int4: the body is 4-bit in blocks of 32, the lm_head 8-bit, and the embedding reads the lm_head's
-    blocks (one table, no float copy); untied int4 keeps its float table."""
+    int4: the body is 4-bit in the default blocks (64 at hidden 128: export.onnx.GROUP_SIZES), the lm_head
+    8-bit, and the embedding reads the lm_head's blocks (one table, no float copy); untied int4 keeps its
+    float table."""
     for variant, quant, ops, gather in (("tiny", "int8", {"MatMulInteger", "DynamicQuantizeMatMul"}, "Gather"),
                                         ("trained:tiny", "int4", {"MatMulNBits"}, "GatherBlockQuantized"),
                                         ("untied", "int4", {"MatMulNBits"}, "Gather")):
@@ -89,7 +90,7 @@ def test_quantized_graphs_have_no_float_weight_matmuls(artifact):
             assert bits.pop(head) == 8 and set(bits.values()) == ({4, 8} if gather == "GatherBlockQuantized" else {4})
             blocks = {onnx.helper.get_attribute_value(a) for n in graph.graph.node if n.op_type == "MatMulNBits"
                       and n.name != head for a in n.attribute if a.name == "block_size"}
-            assert blocks == {32}
+            assert blocks == {GROUP_SIZES[0]}
 
 
 def test_graph_is_fused_for_ort(artifact):
@@ -229,6 +230,40 @@ def test_executorch_only_options_refused(checkpoints, tmp_path):
             export_model("onnx", checkpoints("tiny"), tmp_path / "x.onnx", **option)
         one_line_error(e, "--" + next(iter(option)).replace("_", "-"), "ExecuTorch")
     assert not list(tmp_path.iterdir())
+
+
+# ---- int4 quantizers (issue 27): onnxruntime's own, one weight at a time -----------------------------------
+@pytest.mark.parametrize("method", ["k_quant", "gptq"])
+def test_int4_quant_methods(method, checkpoints, reference, tmp_path):
+    """ORT's k_quant (asymmetric: uint8 zero points, which the tied embedding's GatherBlockQuantized reads
+    too) and gptq (on the calibration text's activations) write MatMulNBits that meet the 4-bit bound."""
+    d = checkpoints("trained:tiny")
+    path = export_model("onnx", d, tmp_path / f"{method}.onnx", quant="int4", kv_cache="fp32", max_seq_len=128,
+                        quant_method=method, head_bits=4)
+    graph = onnx.load(str(path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert (meta["edge.quant_method"], meta["edge.head_bits"]) == (method, "4")
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) > 3 and n.input[3] for n in nbits) == (method == "k_quant")
+    gather = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1 and (len(gather[0].input) == 4) == (method == "k_quant")
+    session = load(path, n_threads=1)
+    assert_parity(reference(d), session_logits(session, PARITY_IDS), "4bit")
+
+
+def test_quant_method_and_calib_refusals(checkpoints, tmp_path):
+    d, out = checkpoints("tiny"), tmp_path / "x.onnx"
+    cases = [(dict(quant="int4", quant_method="imatrix"), ("'imatrix'", "k_quant")),
+             (dict(quant="int8", quant_method="k_quant"), ("--quant-method", "int8")),
+             (dict(quant="int4", quant_method="rtn", calib=__file__), ("--calib", "drop it")),
+             (dict(quant="int4", quant_method="gptq", calib=tmp_path / "missing.txt"), ("missing.txt",)),
+             # hidden 128 in one block of 128: ORT's k_quant cannot lay out an odd number of zero points per column
+             (dict(quant="int4", quant_method="k_quant", group_size=128), ("even number of blocks", "--group-size"))]
+    for options, words in cases:
+        with pytest.raises(EdgeError) as e:
+            export_model("onnx", d, out, kv_cache="fp32", **options)
+        one_line_error(e, *words)
+    assert not out.exists()
 
 
 def test_missing_metadata(artifact, tmp_path):

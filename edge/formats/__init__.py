@@ -42,6 +42,9 @@ class Format:
     exact_quant: str                  # unquantized weights (what parity's "exact" bound assumes)
     exact_kv_cache: str               # the most precise KV cache the engine stores
     kv_cache_at_load: bool            # True: load(kv_cache=...) may pick another; False: fixed at export
+    # how the 4-bit weights are rounded (`--quant-method`), the default first (GGUF's varies by quant): each
+    # format's contract module and exporter say which quants take which method and what each costs
+    quant_methods: tuple[str, ...] = ()
     folder: bool = False              # an output path without the suffix is a model folder (onnxruntime-genai)
 
     def exporter(self):
@@ -50,9 +53,13 @@ class Format:
     def backend(self):
         return _resolve(self.backend_ref)
 
-    def check(self, quant: str | None, kv_cache: str | None, flags: bool = False) -> None:
-        """One-line EdgeError for a quant or KV-cache name this format does not take (None: the default);
-        flags: name them as the CLI's --quant/--kv-cache."""
+    def check(self, quant: str | None, kv_cache: str | None, flags: bool = False, quant_method: str | None = None
+              ) -> None:
+        """One-line EdgeError for a quant, KV-cache or quant-method name this format does not take (None: the
+        default); flags: name them as the CLI's --quant/--kv-cache."""
+        if quant_method is not None and quant_method not in self.quant_methods:
+            raise EdgeError(f"unsupported --quant-method {quant_method!r} for {self.name}; "
+                            f"choose one of {', '.join(self.quant_methods)}")
         if quant is not None and quant not in self.quants:
             raise EdgeError(f"unsupported {'--quant' if flags else 'quant'} {quant!r} for {self.name}; "
                             f"choose one of {', '.join(self.quants)}")
@@ -69,9 +76,12 @@ def _resolve(ref: str):
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("gguf", ".gguf", engine="llamacpp", engine_package=("llama_cpp", "llama-cpp-python"),
            exporter_ref="export.gguf:export", backend_ref="runtime.llamacpp:LlamaCppSession",
-           quants=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"),
+           quants=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_s", "q4_k_m", "iq4_xs", "q5_k_m", "q6_k"),
            kv_caches=("f16", "q8_0", "q4_0"), default_quant="q8_0", default_kv_cache="f16",
-           exact_quant="f32", exact_kv_cache="f16", kv_cache_at_load=True),
+           exact_quant="f32", exact_kv_cache="f16", kv_cache_at_load=True,
+           # imatrix: llama.cpp's quantizer with an importance matrix from --calib; plain: without one (the
+           # default per quant: edge/formats/gguf.py DEFAULT_METHODS)
+           quant_methods=("imatrix", "plain")),
     Format("executorch", ".pte", engine="executorch", engine_package=("executorch", "executorch"),
            exporter_ref="export.executorch:export", backend_ref="runtime.executorch:ExecuTorchSession",
            quants=("fp32", "8da8w", "8da4w"),
@@ -79,12 +89,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            # for runners without our op library
            kv_caches=("fp32", "int8", "int8-stock"), default_quant="8da8w",
            # fp32: the exact cache; int8 holds ~0.27x the bytes at mean cos ~0.9999 and decodes faster deep in the context
-           default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False),
+           default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False,
+           quant_methods=("hqq", "rtn")),  # torchao's HQQ scale search, or absmax round-to-nearest
     Format("onnx", ".onnx", engine="onnxruntime", engine_package=("onnxruntime", "onnxruntime"),
            exporter_ref="export.onnx:export", backend_ref="runtime.onnxruntime:OnnxSession",
            quants=("fp32", "int8", "int4"), kv_caches=("fp32", "fp16", "int8"), default_quant="int8",
            default_kv_cache="fp32", exact_quant="fp32", exact_kv_cache="fp32", kv_cache_at_load=False,
-           folder=True),
+           quant_methods=("rtn", "hqq", "k_quant", "gptq"), folder=True),  # onnxruntime's quantizers
 )}
 SUFFIXES = tuple(f.suffix for f in FORMATS.values())
 REFERENCE_ENGINE = "pytorch"  # a Hugging Face checkpoint directory, run by runtime.reference

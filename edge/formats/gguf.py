@@ -29,13 +29,30 @@ DIRECT_QUANTS = {
     "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (QType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-# quant name -> llama.cpp file type; quantized by llama.cpp itself
+# quant name -> llama.cpp file type; quantized by llama.cpp itself (its mixes: q4_k_s/q4_k_m keep attn_v and
+# some ffn_down at 5-6 bits, iq4_xs is 4.25 bits per weight in 256-value super-blocks; every one gives the
+# output matrix q6_K)
 K_QUANTS = {
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
     "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
     "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
     "q6_k": LlamaFileType.MOSTLY_Q6_K,
 }
 assert (*DIRECT_QUANTS, *K_QUANTS) == FORMAT.quants, "edge/formats/__init__.py lists the same quants"
+# --quant-method (FORMAT.quant_methods): "imatrix" quantizes with llama.cpp's quantizer given an importance
+# matrix (per input column of each weight, the mean square of its activations over --calib text, computed by
+# the fp32 model: export/calib.py), which weights each block's rounding error by how much its columns matter
+# (ggml-quants.c: make_qx_quants / make_qkx3_quants); "plain" quantizes without one. The importance matrix
+# applies to the quants llama.cpp rounds with it; q8_0 and the float types ignore it.
+IMATRIX_QUANTS = ("q4_0", *K_QUANTS)
+IMATRIX_FILE_TYPES = {"q4_0": LlamaFileType.MOSTLY_Q4_0, **K_QUANTS}
+# each quant's --quant-method when none is given (benchmarks/RESULTS.md, issue 27): the importance matrix lowered
+# q4_k_m's KL on every checkpoint measured and q4_0's on every one's id sequence (the random one's text sequence
+# rose, 0.00086 -> 0.00095); IQ4_XS it left level on the text-trained checkpoint, improved on the tiny trained
+# one and worsened on both random ones (LFM2-350M's shapes: KL 0.056 -> 0.066). Given an imatrix llama.cpp also
+# drops IQ4_XS's q5_K for the first ffn_down layers
+DEFAULT_METHODS = {**{q: "imatrix" for q in IMATRIX_QUANTS}, "iq4_xs": "plain"}
 
 # KV-cache types llama.cpp takes at context creation; the artifact stores its default under KV_CACHE_KEY
 KV_CACHES = FORMAT.kv_caches
