@@ -105,8 +105,8 @@ def record(part: str, name: str, value) -> None:
     (e.g. proxies split across workers with --proxy)."""
     import fcntl
 
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    with open(RECORDS / f".{part}.lock", "w") as lock:
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    with open(WORKDIR / f"{part}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = load(part)
         data[name] = value
@@ -401,11 +401,18 @@ def report() -> tuple[str, dict]:
     ceiling = None
     if len(both) >= 4:
         a, b = [truth[n][PRIMARY] for n in both], [repeat[n][PRIMARY] for n in both]
+        noise = float(np.mean(np.abs(np.subtract(a, b))))
+        losses = [truth[n][PRIMARY] for n in names]
+        pairs = [(x, y) for i, x in enumerate(losses) for y in losses[i + 1:]]
         ceiling = {"n": len(both), "tau": kendall_tau(a, b), "spearman": spearman(a, b),
-                   "tau_ci": bootstrap(kendall_tau, a, b)}
+                   "tau_ci": bootstrap(kendall_tau, a, b), "noise_nats": round(noise, 4),
+                   "pairs_within_noise": sum(abs(x - y) < noise for x, y in pairs), "pairs": len(pairs)}
         lines.append(f"Seed-to-seed ceiling ({len(both)} architectures trained with seeds {TRUTH['seeds'][0]} and "
                      f"{TRUTH['seed_repeat'][0]}): Kendall tau {ceiling['tau']:.2f} "
-                     f"[{ceiling['tau_ci'][0]:.2f}, {ceiling['tau_ci'][1]:.2f}], Spearman {ceiling['spearman']:.2f}.")
+                     f"[{ceiling['tau_ci'][0]:.2f}, {ceiling['tau_ci'][1]:.2f}], Spearman {ceiling['spearman']:.2f}; "
+                     f"the seed moves {PRIMARY} by {noise:.3f} nats on average, more than separates "
+                     f"{ceiling['pairs_within_noise']} of the sample's {len(pairs)} pairs of architectures (a proxy "
+                     "cannot be expected to order those).")
         lines.append("")
     bands = _bands(names, latency)
     budgets = _budgets(names, latency)

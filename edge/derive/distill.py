@@ -54,6 +54,15 @@ def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.1) -> floa
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
+def _train_only(child, params: list) -> list:
+    """Freeze every parameter of `child` but `params` (returned)."""
+    for p in child.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 class _Run:
     """The resumable loop both stages share: optimizer, schedule, state file, progress bar, deadline."""
 
@@ -188,11 +197,7 @@ def blockwise(child: HybridLM, parent: Parent, spec: ChildSpec, corpus: Corpus, 
     """Stage 1: train each unit (stage1_units) to reproduce its parent counterpart on the parent's own
     activations; the loss is each unit's squared error relative to its target's power, averaged."""
     units = stage1_units(parent, spec)
-    for p in child.parameters():
-        p.requires_grad_(False)
-    params = [p for u in units for p in _unit_module(child, u).parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = _train_only(child, [p for u in units for p in _unit_module(child, u).parameters()])
     run = _Run("blockwise", child, params, steps, lr, Path(state) if state else None, identity or "blockwise",
                progress, deadline_s, batch * seq_len)
     child.train()
@@ -228,11 +233,8 @@ def end_to_end(child: HybridLM, parent: Parent, corpus: Corpus, *, steps: int, b
                train_embeddings: bool = False) -> StageResult:
     """Stage 2: KL(parent || child) of the next-token distributions on train windows. The embedding (and
     the tied head) stays the parent's unless `train_embeddings` (a random-init child needs it trained)."""
-    params = [p for n, p in child.named_parameters() if train_embeddings or "embed_tokens" not in n and "lm_head" not in n]
-    for p in child.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = _train_only(child, [p for n, p in child.named_parameters()
+                                 if train_embeddings or "embed_tokens" not in n and "lm_head" not in n])
     run = _Run("end_to_end", child, params, steps, lr, Path(state) if state else None, identity or "end_to_end",
                progress, deadline_s, batch * seq_len)
     child.train()
