@@ -263,9 +263,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     parent, corpus, importance, setup_info = setup(args.work)
-    save_results({"setup": {**setup_info, "corpus": corpus.description, "train_tokens": int(len(corpus.train)),
-                            "heldout_tokens": int(len(corpus.heldout)), "parent": str(parent.source),
-                            "parent_identity": parent.identity, "importance": importance.__dict__}})
+    if args.phase != "bench":  # the timing phase leaves the record of what the child was derived on as it is
+        save_results({"setup": {**setup_info, "corpus": corpus.description, "train_tokens": int(len(corpus.train)),
+                                "heldout_tokens": int(len(corpus.heldout)), "parent": str(parent.source),
+                                "parent_identity": parent.identity, "importance": importance.__dict__}})
     if args.phase in ("all", "ablate"):
         ablate(parent, corpus, importance, args.work, args)
     if args.phase in ("all", "derive"):
