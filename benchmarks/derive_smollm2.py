@@ -1,7 +1,7 @@
 """Issue 26's measurement: a hybrid derived from SmolLM2-135M-Instruct against the same architecture from
 random initialisation, then both the parent and the child as GGUF q4_0 in llama.cpp.
 
-    python -m benchmarks.derive_smollm2 [--phase all|ablate|derive|baseline|bench] [--minutes1 25 --minutes2 30]
+    python -m benchmarks.derive_smollm2 [--phase all|ablate|derive|baseline|rescore|bench] [--minutes1 25 --minutes2 30]
 
 Phases (each resumable: state and results under --work, default benchmarks/work/derive-smollm2):
 1. ablate: the choices the method makes, each measured with a short fixed budget of the cheap stage
@@ -13,6 +13,8 @@ Phases (each resumable: state and results under --work, default benchmarks/work/
    loss, KL to the parent, top-1 agreement, greedy continuations of held-out prompts.
 3. baseline: the same architecture from random initialisation, trained end to end on the same KL
    objective for as many tokens as the derived child saw in both stages, scored the same way.
+   rescore: the derived child scored again on the current corpus split (it changed after the derive run),
+   so that it compares with a baseline trained and scored on that split.
 4. bench: the child exported to GGUF q4_0 by `edge export`, the parent requantized to q4_0 by llama.cpp's
    own quantizer; tokenization of held-out text compared between the parent in llama.cpp and the child's
    artifact; decode at depth 0 and 2048 and KV bytes in one interleaved run (runtime.bench.bench_depths,
@@ -190,6 +192,17 @@ def baseline(parent, corpus, work: Path, args) -> dict:
     return report
 
 
+def rescore(parent, corpus, work: Path, args) -> dict:
+    """The derived child scored again on the corpus split of today's code (the split changed after it was
+    derived), so that it compares with a baseline trained and scored on that split."""
+    from edge.checkpoint import load_model
+
+    derived = load_results()["derived"]
+    derived["heldout_current_split"] = evaluate(load_model(work / "child"), parent, corpus, args)
+    save_results({"derived": derived})
+    return derived["heldout_current_split"]
+
+
 def bench(parent, corpus, work: Path, args) -> dict:
     import llama_cpp
 
@@ -244,7 +257,7 @@ def _heldout_texts(parent, corpus, n: int = 64, chars: int = 400):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", default="all", choices=("all", "ablate", "derive", "baseline", "bench"))
+    p.add_argument("--phase", default="all", choices=("all", "ablate", "derive", "baseline", "rescore", "bench"))
     p.add_argument("--work", type=Path, default=WORK / "derive-smollm2")
     p.add_argument("--attention", type=int, default=10, help="attention blocks kept (default 10 of 30)")
     p.add_argument("--minutes1", type=float, default=25, help="wall minutes of the blockwise stage")
@@ -263,7 +276,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     parent, corpus, importance, setup_info = setup(args.work)
-    if args.phase != "bench":  # the timing phase leaves the record of what the child was derived on as it is
+    if args.phase not in ("bench", "rescore"):  # these leave the record of what the child was derived on as it is
         save_results({"setup": {**setup_info, "corpus": corpus.description, "train_tokens": int(len(corpus.train)),
                                 "heldout_tokens": int(len(corpus.heldout)), "parent": str(parent.source),
                                 "parent_identity": parent.identity, "importance": importance.__dict__}})
@@ -273,6 +286,8 @@ def main(argv=None):
         derive_child(parent, corpus, importance, args.work, args)
     if args.phase in ("all", "baseline"):
         baseline(parent, corpus, args.work, args)
+    if args.phase == "rescore":
+        rescore(parent, corpus, args.work, args)
     if args.phase in ("all", "bench"):
         bench(parent, corpus, args.work, args)
 
