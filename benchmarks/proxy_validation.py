@@ -450,7 +450,8 @@ def report() -> tuple[str, dict]:
                  *[_gap_cell(row["gaps"][str(ms)]) for ms in budgets]]
         lines.append("| " + " | ".join(cells) + " |")
     summary["default"] = choose_default(summary["proxies"])
-    lines += ["", f"Default by the rule below (`choose_default`): **{summary['default']}**.", "",
+    lines += ["", f"Default by `choose_default` (the cheapest proxy with tau >= {TAU_OVERALL} overall and >= "
+              f"{TAU_BAND} in every band): **{summary['default']}**.", "",
               "Ground truth per architecture (seed 0):", "",
               "| architecture | params (M) | decode ms | " + " | ".join(k for k in ("loss@512", PRIMARY, "first_loss",
                                                                                  "copy_loss", "recall")) + " |",
@@ -524,7 +525,7 @@ def main(argv=None) -> int:
     p.add_argument("--proxy", action="append", help="proxy specs to measure (default: PROXIES)")
     p.add_argument("--arch", action="append", help="only these architectures (default: all)")
     p.add_argument("--search-quality", help="the proxy the search check runs with (default: edge search's)")
-    p.add_argument("--search-trials", type=int, default=16)
+    p.add_argument("--search-trials", type=int, default=64)
     p.add_argument("--budget-ms", type=float, help="the search check's decode budget (default: the sample's median)")
     p.add_argument("-t", "--threads", type=int, default=2)
     args = p.parse_args(argv)
