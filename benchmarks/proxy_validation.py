@@ -133,17 +133,11 @@ def tokenizer_path() -> Path:
 
 
 def token_ids(split: str) -> np.ndarray:
-    """The stdlib split tokenized with the validation tokenizer (cached as .npy)."""
-    from edge.corpus import stdlib_text
-    from edge.tokenizer import load_tokenizer
+    """The stdlib split tokenized with the validation tokenizer: the ids the `lm` proxy trains and scores on."""
+    from arch_search.proxies import corpus_ids
 
-    path = WORKDIR / f"{split}-{TRUTH['vocab']}.npy"
-    if not path.exists():
-        ids = np.array(load_tokenizer(tokenizer_path()).encode(stdlib_text(split)).ids, dtype=np.int64)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, ids)
-    return np.load(path)
+    train, heldout = corpus_ids(None, str(tokenizer_path()))
+    return heldout if split == "heldout" else train
 
 
 def with_copies(windows: np.ndarray, rng: np.random.Generator, copies: int) -> tuple[np.ndarray, list]:
@@ -358,7 +352,7 @@ def phase_search(quality: str, trials: int, budget_ms: float | None, threads: in
     fits = [n for n, v in latency.items() if n.startswith("conv1-attn") and v["decode_ms"] <= budget_ms]
     if fits:
         name = max(fits, key=lambda n: sample[n].to_config().n_params(include_embeddings=False))
-        contenders[f"all-attention-but-one {name}"] = (_record(sample[name]), latency[name]["decode_ms"])
+        contenders[f"all-attention-but-one {name}"] = (sample[name].to_dict(), latency[name]["decode_ms"])
     torch.set_num_threads(threads)
     sets = eval_sets()
     for label, (cand, ms) in contenders.items():
@@ -371,10 +365,6 @@ def phase_search(quality: str, trials: int, budget_ms: float | None, threads: in
         done["trained"][label] = {"candidate": cand, "decode_ms": ms, **score_truth(model, sets)}
         save("search", done)
         print(f"{label}: {done['trained'][label]}", flush=True)
-
-
-def _record(c: Candidate) -> dict:
-    return c.to_dict()
 
 
 def parse_direction(spec: str) -> str:
