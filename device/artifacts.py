@@ -18,8 +18,9 @@ import uuid
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.formats import SUFFIXES, headers
-from edge.formats.headers import sniff_file  # noqa: F401 - the agent's check of a request's suffix
+from edge import headers
+from edge.formats import SUFFIXES
+from edge.headers import sniff_file  # noqa: F401 - the agent's check of a request's suffix
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"[0-9a-f]{32}(\.partial(\.d)?)?")  # the agent's names: uploads, bundles, work folders
@@ -31,7 +32,7 @@ VALIDATE_MEMORY = 1 << 30  # the header check's address space: the readers' budg
 
 def validate(path: Path, max_bytes: int) -> str:
     """Check the header of a .gguf/.pte/.onnx file without running it (the bounded readers of
-    edge/formats/headers.py, shared with runtime.load); returns its suffix. A single .onnx must be
+    edge/headers.py, shared with runtime.load); returns its suffix. A single .onnx must be
     self-contained: external data names a path the device would open. A bundle (device/bundle.py) is
     unpacked and checked into PATH.d, and ".onnx" returned for it."""
     from . import bundle

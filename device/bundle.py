@@ -24,7 +24,7 @@ import tarfile
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.formats import headers
+from edge import headers
 from edge.formats.onnx import GENAI_CONFIG, is_model_folder
 
 MANIFEST = "hybrid-edge-bundle.json"

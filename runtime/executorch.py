@@ -22,7 +22,7 @@ import torch
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
-from edge.formats.headers import HeaderError, check_pte
+from edge.headers import HeaderError, check_pte
 from edge.formats.executorch import KV_ELEMENT_BYTES, META_TYPES, load_custom_ops
 from edge.tokenizer import load_tokenizer
 

@@ -9,7 +9,7 @@ is the artifact's default (`hybrid_edge.kv_cache`, f16 when absent) unless `kv_c
 A Llama GGUF (arch `llama`, e.g. the parent `edge derive` starts from) loads too, as an all-attention
 config, so `edge bench` and `edge run` measure a parent beside its children.
 
-The header is validated with the bounded reader of edge/formats/headers.py before llama.cpp sees the
+The header is validated with the bounded reader of edge/headers.py before llama.cpp sees the
 file, because llama.cpp aborts the process on some malformed files (and on lfm2 models without attention
 layers), and gguf-py's reader trusts declared counts (a 158-byte file can make it allocate gigabytes); llama.cpp's log is
 captured process-wide, never printed, and its first error line ends up in the EdgeError when it still
@@ -29,7 +29,7 @@ from gguf import Keys, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES
 from edge.config import HybridConfig
 from edge.errors import EdgeError
 from edge.formats import FORMATS
-from edge.formats.headers import GGUFHeader, HeaderError, read_gguf_header
+from edge.headers import GGUFHeader, HeaderError, read_gguf_header
 from edge.tokenizer import PRE_TOKENIZERS, load_tokenizer, tokenizer_json_from_gguf
 from edge.formats.gguf import (ABSENT_KV_CACHE, ARCH, DIRECT_QUANTS, K_QUANTS, KV_CACHE_KEY, KV_TYPES,
                                check_llamacpp_can_run, llama_log, quiet_llamacpp)
@@ -52,7 +52,7 @@ def _field(header: GGUFHeader, path: Path, key: str, default=None, required: boo
 
 def read_gguf(path: Path) -> dict:
     """Validate a .gguf header and return its config, tokenizer, quant, default KV type and context.
-    The header is read by the bounded reader (edge/formats/headers.py): a declared count can neither
+    The header is read by the bounded reader (edge/headers.py): a declared count can neither
     exhaust memory nor point llama.cpp outside the file."""
     try:
         header = read_gguf_header(path)

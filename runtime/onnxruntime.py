@@ -20,7 +20,7 @@ import onnxruntime as ort
 from edge.config import HybridConfig
 from edge.errors import EdgeError, first_line
 from edge.formats import FORMATS
-from edge.formats.headers import HeaderError, check_onnx
+from edge.headers import HeaderError, check_onnx
 from edge.formats.onnx import ATTENTION_MASK, META_PREFIX, REQUIRED_META, present_name
 from edge.tokenizer import load_tokenizer
 

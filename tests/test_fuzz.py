@@ -596,7 +596,7 @@ def onnx_bomb(nodes: int = 3 * 10**6) -> bytes:
 
 def pte_bomb(pte: Path) -> bytes:
     """`pte` with its forward method planning 1 PiB of memory (ExecutionPlan.non_const_buffer_sizes)."""
-    from edge.formats.headers import check_pte
+    from edge.headers import check_pte
 
     planned = check_pte(pte)["forward"]
     return replaced(pte.read_bytes(), struct.pack("<q", planned), struct.pack("<q", 2**50))
@@ -605,7 +605,7 @@ def pte_bomb(pte: Path) -> bytes:
 @pytest.mark.parametrize("kind", [pytest.param("gguf", marks=needs("gguf")), pytest.param("onnx", marks=needs("onnx")),
                                   pytest.param("executorch", marks=needs("executorch"))])
 def test_header_bombs_are_one_line_within_the_readers_budget(kind, artifact, loader, tmp_path):
-    """`edge info` (runtime.load) reads headers with the bounded readers of edge/formats/headers.py: what
+    """`edge info` (runtime.load) reads headers with the bounded readers of edge/headers.py: what
     the file declares costs no more than the budget, in memory and time."""
     import time
 
@@ -641,7 +641,7 @@ def test_the_op_library_loads_before_or_after_the_executorch_runtime(tiny_dir, t
 def header_mutants(rng, bases: dict[str, bytes]):
     """Endless crafted uploads: a valid artifact's header with flipped bytes, huge counts written over its
     count fields, a truncation, or another format's magic; each (name, bytes)."""
-    from edge.formats.headers import sniff
+    from edge.headers import sniff
 
     kinds = sorted(bases)
     while True:

@@ -1,6 +1,6 @@
 """The layer order, enforced by reading every module's imports (ast: also lazy imports inside functions).
 
-    0 core         edge.* (model, config, checkpoint, tokenizer, chat, files, errors, train)
+    0 core         edge.* (model, config, checkpoint, tokenizer, chat, files, errors, train, headers)
     1 contracts    edge.formats.*: the registry and each format's contract
     2 engines      export.* and runtime.*, which never import each other
     3 tools        arch_search.* and device.*: the search measures through device's transports

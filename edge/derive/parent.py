@@ -258,7 +258,7 @@ def _gguf_parent(path: Path) -> Parent:
     import gguf
     from gguf import Keys
 
-    from ..formats.headers import HeaderError, read_gguf_header
+    from ..headers import HeaderError, read_gguf_header
 
     try:  # bounded first: gguf-py's reader trusts declared counts (a 158-byte file can declare 2^60 items)
         read_gguf_header(path)
