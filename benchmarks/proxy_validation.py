@@ -15,8 +15,9 @@ TRUTH["vocab"] trained on the training split), and scored on held-out modules by
                 occurrence: `recall` = first_loss - copy_loss, in nats (0: no in-context copying).
 Training windows are plain text. Pilots that copied 12-38% of each training window's tokens from earlier in
 the window (spans of 32 and 128 tokens, up to 0.8M training tokens, lr 3e-3 and 1e-2, batch 1 and 4) never
-taught a 6-layer hybrid to copy (copy_loss stayed at first_loss), so at this budget the recall columns are
-measured and reported, not built into the training (benchmarks/RESULTS.md, "Proxy validation"). A subset is
+taught a 6-layer hybrid to copy (copy_loss stayed at first_loss), nor did half of each batch made of random-token
+rows that only copying predicts, at 3x the steps (benchmarks/recall_pilot.py), so at this budget the recall
+columns are measured and reported, not built into the training (benchmarks/RESULTS.md). A subset is
 trained again with another seed: the seed-to-seed rank correlation is the ceiling any proxy can reach.
 
 Proxies: each registered proxy (arch_search/proxies.py) on the same architectures, with its seconds.
